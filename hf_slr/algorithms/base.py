@@ -48,14 +48,14 @@ class Target:
         if self.nm_pattern is not None:
             n, m = self.nm_pattern
             return in_features // m * n
-        return in_features - int(math.floor(self.sparsity * in_features))
+        return in_features - int(math.floor(self.sparsity * in_features + 1e-6))
 
     def kept_total(self, out_features: int, in_features: int) -> int:
         """Nonzeros of S under a per-matrix budget (unstructured) or the N:M pattern."""
         if self.nm_pattern is not None:
             return out_features * self.kept_per_row(in_features)
         numel = out_features * in_features
-        return numel - int(math.floor(self.sparsity * numel))
+        return numel - int(math.floor(self.sparsity * numel + 1e-6))
 
 
 Decompose = Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]

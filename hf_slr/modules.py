@@ -1,0 +1,190 @@
+"""SLRLinear: y = x (S + U V)^T + b, with S stored compactly.
+
+Storage (all tensors safetensors can hold; see docs/format.md):
+
+- ``U`` [out, r] and ``V`` [r, in]: dense low-rank factors (parameters);
+- ``sparse_values``: the nonzeros of S (a parameter, so their values can be trained on a fixed
+  support): unstructured S -> [nnz] in row-major order; N:M -> [out, in * N / M];
+- unstructured: ``sparse_mask``, uint8 [ceil(out * in / 8)], the support, 1 bit per element,
+  row-major, least significant bit first;
+- N:M: ``sparse_indices``, uint8, the in-group position of every kept value packed in
+  ceil(log2 M) bits each, in the order of ``sparse_values``;
+- ``bias`` [out] when the replaced Linear had one.
+
+The layer does not know how its factors were computed. Its forward reconstructs S densely for
+the duration of the call (a transient, never a stored buffer); fast sparse kernels are future work.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+FORMAT_VERSION = 1
+# Saved checkpoints carry a 1-element uint8 marker under `<module>.weight` for every SLRLinear:
+# plain transformers (without `import hf_slr`) then fails on a size mismatch instead of loading
+# randomly initialised Linears. The layer itself has no `weight`.
+MARKER_KEY = "weight"
+
+
+def index_bits(group_size: int) -> int:
+    """Bits needed for an in-group position of an M-wide group."""
+    return max(1, math.ceil(math.log2(group_size)))
+
+
+def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack non-negative ints < 2**bits into a flat uint8 stream, least significant bit first."""
+    flat = values.reshape(-1).to(torch.int64)
+    stream = (flat.unsqueeze(1) >> torch.arange(bits, device=flat.device)) & 1
+    stream = stream.reshape(-1)
+    stream = F.pad(stream, (0, (-stream.numel()) % 8))
+    weights = 1 << torch.arange(8, device=flat.device)
+    return (stream.reshape(-1, 8) * weights).sum(1).to(torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
+    """Inverse of :func:`pack_bits`: the first ``count`` ints of ``bits`` bits each (int64)."""
+    stream = (packed.to(torch.int64).unsqueeze(1) >> torch.arange(8, device=packed.device)) & 1
+    stream = stream.reshape(-1)[: count * bits].reshape(count, bits)
+    return (stream << torch.arange(bits, device=packed.device)).sum(1)
+
+
+class SLRLinear(nn.Module):
+    """A Linear layer whose weight is S + U V (sparse plus low rank).
+
+    Args:
+        in_features, out_features: the replaced Linear's shape.
+        rank: columns of U / rows of V.
+        nnz: number of stored values of an unstructured S (ignored for N:M).
+        nm_pattern: (N, M) for an N:M sparse S along the input dimension, else None.
+        bias: whether the layer has a bias.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        rank: int,
+        nnz: int = 0,
+        nm_pattern: tuple[int, int] | None = None,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.nm_pattern = tuple(nm_pattern) if nm_pattern is not None else None
+        self.U = nn.Parameter(torch.zeros(out_features, rank, **factory))
+        self.V = nn.Parameter(torch.zeros(rank, in_features, **factory))
+        if self.nm_pattern is None:
+            self.nnz = nnz
+            self.sparse_values = nn.Parameter(torch.zeros(nnz, **factory))
+            mask_bytes = math.ceil(out_features * in_features / 8)
+            self.register_buffer("sparse_mask", torch.zeros(mask_bytes, dtype=torch.uint8, device=device))
+        else:
+            n, m = self.nm_pattern
+            if in_features % m:
+                raise ValueError(f"nm_pattern {n}:{m} needs in_features divisible by {m}, got {in_features}")
+            kept = in_features // m * n
+            self.nnz = out_features * kept
+            self.sparse_values = nn.Parameter(torch.zeros(out_features, kept, **factory))
+            index_bytes = math.ceil(self.nnz * index_bits(m) / 8)
+            self.register_buffer("sparse_indices", torch.zeros(index_bytes, dtype=torch.uint8, device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, **factory)) if bias else None
+
+    @classmethod
+    def from_dense(
+        cls,
+        sparse: torch.Tensor,
+        u: torch.Tensor,
+        v: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        nm_pattern: tuple[int, int] | None = None,
+        support: torch.Tensor | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> "SLRLinear":
+        """Build the compact layer from a dense S (zeros off its support), U, V and the bias.
+
+        ``support`` (bool, like S) is the set of stored positions; by default the nonzeros of S. For
+        N:M, groups with fewer than N nonzeros are completed with zero-valued positions.
+        """
+        out_features, in_features = sparse.shape
+        dtype = dtype or sparse.dtype
+        support = sparse != 0 if support is None else support.bool()
+        layer = cls(
+            in_features,
+            out_features,
+            u.shape[1],
+            nnz=int(support.sum()),
+            nm_pattern=nm_pattern,
+            bias=bias is not None,
+            device=sparse.device,
+            dtype=dtype,
+        )
+        with torch.no_grad():
+            layer.U.copy_(u)
+            layer.V.copy_(v)
+            if bias is not None:
+                layer.bias.copy_(bias)
+            if nm_pattern is None:
+                layer.sparse_values.copy_(sparse[support])
+                layer.sparse_mask.copy_(pack_bits(support, 1))
+            else:
+                n, m = nm_pattern
+                groups = support.reshape(out_features, in_features // m, m)
+                if int(groups.sum(-1).max()) > n:
+                    raise ValueError(f"S violates the {n}:{m} pattern: a group of {m} holds more than {n} nonzeros")
+                # Stored positions: the support first, then the lowest free positions, sorted per group.
+                priority = groups.to(torch.int64) * 2 * m - torch.arange(m, device=sparse.device)
+                positions = priority.topk(n, dim=-1).indices.sort(-1).values
+                values = sparse.reshape(out_features, in_features // m, m).gather(-1, positions)
+                layer.sparse_values.copy_(values.reshape(out_features, -1))
+                layer.sparse_indices.copy_(pack_bits(positions, index_bits(m)))
+        return layer
+
+    def support(self) -> torch.Tensor:
+        """Bool [out, in]: the positions S may hold (its sparsity pattern)."""
+        shape = (self.out_features, self.in_features)
+        if self.nm_pattern is None:
+            return unpack_bits(self.sparse_mask, 1, shape[0] * shape[1]).reshape(shape).bool()
+        n, m = self.nm_pattern
+        positions = self._positions()
+        groups = torch.zeros(shape[0], shape[1] // m, m, dtype=torch.bool, device=positions.device)
+        return groups.scatter_(-1, positions, True).reshape(shape)
+
+    def _positions(self) -> torch.Tensor:
+        n, m = self.nm_pattern
+        count = self.out_features * (self.in_features // m) * n
+        return unpack_bits(self.sparse_indices, index_bits(m), count).reshape(self.out_features, -1, n)
+
+    def sparse_weight(self) -> torch.Tensor:
+        """S as a dense [out, in] tensor, rebuilt for this call (differentiable in ``sparse_values``)."""
+        shape = (self.out_features, self.in_features)
+        values = self.sparse_values
+        if self.nm_pattern is None:
+            dense = torch.zeros(shape, dtype=values.dtype, device=values.device)
+            return dense.masked_scatter(self.support(), values)
+        n, m = self.nm_pattern
+        dense = torch.zeros(shape[0], shape[1] // m, m, dtype=values.dtype, device=values.device)
+        return dense.scatter(-1, self._positions(), values.reshape(shape[0], -1, n)).reshape(shape)
+
+    def to_dense(self) -> torch.Tensor:
+        """W = S + U V, dense [out, in]."""
+        return self.sparse_weight() + self.U @ self.V
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.linear(x, self.sparse_weight(), self.bias)
+        if self.rank:
+            out = out + F.linear(F.linear(x, self.V), self.U)
+        return out
+
+    def extra_repr(self) -> str:
+        pattern = f"nm_pattern={self.nm_pattern[0]}:{self.nm_pattern[1]}" if self.nm_pattern else f"nnz={self.nnz}"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
+            f"{pattern}, bias={self.bias is not None}"
+        )

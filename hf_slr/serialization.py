@@ -1,0 +1,131 @@
+"""Writing and sharing compressed checkpoints: atomic save with a model card, push to the Hub."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+from .config import SLRConfig
+
+REPORT_FILE = "slr_report.json"
+
+
+def _slr_config(model) -> SLRConfig:
+    config = getattr(getattr(model, "config", None), "quantization_config", None)
+    if not isinstance(config, SLRConfig) or not config.is_compressed:
+        raise ValueError("The model is not SLR-compressed: load it with `quantization_config=SLRConfig(...)` first")
+    return config
+
+
+def model_card(model) -> str:
+    """README.md for a compressed model: method, sparsity, ranks, base model, how to load it."""
+    config = _slr_config(model)
+    layouts = config.compressed_modules
+    ranks = Counter(layout["rank"] for layout in layouts.values())
+    sparsities = [layout["sparsity"] for layout in layouts.values()]
+    base = config.base_model or "unknown"
+    rank_text = ", ".join(f"{rank} ({count} matrices)" for rank, count in sorted(ranks.items()))
+    pattern = f"{config.nm_pattern[0]}:{config.nm_pattern[1]} semi-structured" if config.nm_pattern else "unstructured"
+    return f"""---
+library_name: transformers
+tags:
+- hf_slr
+- sparse-plus-low-rank
+- compressed
+base_model: {base}
+---
+
+# {Path(base).name} compressed to sparse plus low-rank (hf_slr)
+
+Every linear layer of the decoder blocks is stored as W = S + U V: a {pattern} sparse matrix S
+plus rank-r factors U, V, computed by **{config.method}**.
+
+| | |
+|---|---|
+| base model | `{base}` |
+| method | `{config.method}` {json.dumps(config.method_kwargs) if config.method_kwargs else ''} |
+| sparsity of S | {min(sparsities):.4f} to {max(sparsities):.4f} (mean {sum(sparsities) / len(sparsities):.4f}) |
+| ranks | {rank_text} |
+| compressed matrices | {len(layouts)} |
+| calibration | {config.dataset if isinstance(config.dataset, str) else 'custom texts'}, {config.n_samples} x {config.seq_len} tokens, seed {config.seed} |
+
+## Loading
+
+`import hf_slr` is **required** before loading: it registers the `slr` quantization method with
+transformers.
+
+```python
+import hf_slr  # registers quant_method "slr"
+from transformers import AutoModelForCausalLM
+
+model = AutoModelForCausalLM.from_pretrained("<this repo>")
+```
+
+Without it transformers does not know the `slr` method and refuses the checkpoint (a size
+mismatch on the `*.weight` format markers) rather than loading random weights.
+"""
+
+
+def save_pretrained(model, save_directory: str | os.PathLike, tokenizer=None, **kwargs) -> Path:
+    """Write a compressed model atomically: config, safetensors, tokenizer, README.md, report.
+
+    Everything is written to a temporary folder beside ``save_directory`` and renamed into place
+    at the end, so a failure never leaves a half-written checkpoint. ``kwargs`` go to
+    ``model.save_pretrained``.
+    """
+    card = model_card(model)
+    target = Path(save_directory).resolve()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    try:
+        model.save_pretrained(tmp, **kwargs)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        (tmp / "README.md").write_text(card)
+        report = getattr(model, "slr_report", None)
+        if report:
+            (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2))
+        if target.exists():
+            backup = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-"))
+            os.replace(target, backup / "old")
+            os.replace(tmp, target)
+            shutil.rmtree(backup, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def push_to_hub(
+    model,
+    repo_id: str,
+    tokenizer=None,
+    token: str | None = None,
+    private: bool | None = None,
+    commit_message: str = "Upload SLR-compressed model",
+    revision: str | None = None,
+    create_pr: bool = False,
+):
+    """Upload exactly what :func:`save_pretrained` writes (with the SLR model card) to ``repo_id``.
+
+    ``model.push_to_hub`` also works, but replaces README.md with the Hub's generic card.
+    """
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    with tempfile.TemporaryDirectory() as work_dir:
+        folder = save_pretrained(model, Path(work_dir) / "checkpoint", tokenizer=tokenizer)
+        return api.upload_folder(
+            repo_id=repo_id,
+            folder_path=folder,
+            commit_message=commit_message,
+            revision=revision,
+            create_pr=create_pr,
+        )
