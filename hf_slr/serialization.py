@@ -116,16 +116,54 @@ def push_to_hub(
 
     ``model.push_to_hub`` also works, but replaces README.md with the Hub's generic card.
     """
-    from huggingface_hub import HfApi
+    from huggingface_hub import CommitOperationAdd, HfApi
 
     api = HfApi(token=token)
     repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
     with tempfile.TemporaryDirectory() as work_dir:
         folder = save_pretrained(model, Path(work_dir) / "checkpoint", tokenizer=tokenizer)
-        return api.upload_folder(
+        operations = [
+            CommitOperationAdd(path_in_repo=path.relative_to(folder).as_posix(), path_or_fileobj=str(path))
+            for path in sorted(folder.rglob("*"))
+            if path.is_file()
+        ]
+        return api.create_commit(
             repo_id=repo_id,
-            folder_path=folder,
+            operations=operations,
             commit_message=commit_message,
             revision=revision,
             create_pr=create_pr,
         )
+
+
+def information_bound_bytes(model) -> int:
+    """Bytes a lossless encoding of the compressed model needs at the least, by this accounting:
+    untouched tensors + nnz x value bytes + 1 mask bit per element (unstructured) or
+    ceil(log2 M) index bits per kept value (N:M) + U, V (+ bias) bytes. Tied tensors count once."""
+    from .modules import SLRLinear, index_bits
+
+    seen, bits = set(), 0
+    slr_prefixes = set()
+    for name, module in model.named_modules():
+        if isinstance(module, SLRLinear):
+            slr_prefixes.add(name)
+            value_bits = module.sparse_values.element_size() * 8
+            bits += module.nnz * value_bits + module.U.numel() * module.U.element_size() * 8
+            bits += module.V.numel() * module.V.element_size() * 8
+            if module.bias is not None:
+                bits += module.bias.numel() * module.bias.element_size() * 8
+            if module.nm_pattern is None:
+                bits += module.in_features * module.out_features
+            else:
+                bits += module.nnz * index_bits(module.nm_pattern[1])
+    for name, tensor in model.state_dict().items():
+        if name.rpartition(".")[0] in slr_prefixes or tensor.data_ptr() in seen:
+            continue
+        seen.add(tensor.data_ptr())
+        bits += tensor.numel() * tensor.element_size() * 8
+    return (bits + 7) // 8
+
+
+def checkpoint_bytes(folder: str | os.PathLike) -> int:
+    """Total size of the safetensors files of a saved model."""
+    return sum(path.stat().st_size for path in Path(folder).glob("*.safetensors"))

@@ -1,0 +1,55 @@
+"""Alternating minimisation of ||(W - S - L) D||_F in the D-scaled space, D = sqrt(diag H).
+
+Shared by OATS (004 §4.2.2, Corollary 4.2) and SSLC (001 eq. 3-8): with W~ = W D,
+    L~_t = low-rank approximation of (W~ - S~_{t-1}),   S~_t = projection of (W~ - L~_t) onto the sparsity set,
+then S = S~ D^-1 and L = L~ D^-1. Both steps are exact minimisers of the scaled objective when the
+low-rank step is (no worse than keeping L~_{t-1}), so it never increases (001 App. A eq. 12-14).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .base import Target, relative_objective
+from .lowrank import input_norms
+from .projections import sparsity_mask
+
+# low_rank_step(matrix, previous_v) -> (U, V): previous_v is None at the first iteration.
+LowRankStep = Callable[[torch.Tensor, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor]]
+
+
+def scaled_alternating_minimization(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    target: Target,
+    *,
+    iterations: int,
+    low_rank_step: LowRankStep,
+    scope: str,
+    preserved: torch.Tensor | None = None,
+    history: list[float] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Run ``iterations`` alternations (L step, then S step) and return unscaled (S, U, V).
+
+    ``preserved`` (bool [out, in], a subset of a feasible mask) marks weights kept as they are in S and
+    excluded from the decomposition (001 §4.2.3): the alternation fits W with them zeroed, and the
+    sparse step always keeps them in its support, so S ends up in the sparsity set exactly.
+    With ``target.rank == 0`` one iteration is the fixed point.
+    """
+    weight, hessian = weight.float(), hessian.float()
+    scale = input_norms(hessian)
+    kept_as_is = torch.zeros_like(weight) if preserved is None else weight * preserved
+    scaled = (weight - kept_as_is) * scale
+    sparse = torch.zeros_like(scaled)
+    v = None
+    for _ in range(iterations if target.rank > 0 else 1):
+        u, v = low_rank_step(scaled - sparse, v)
+        residual = scaled - u @ v
+        scores = residual.abs()
+        keep = sparsity_mask(scores if preserved is None else scores.masked_fill(preserved, torch.inf), target, scope)
+        sparse = residual * (keep if preserved is None else keep & ~preserved)
+        if history is not None:
+            history.append(relative_objective(weight, kept_as_is + sparse / scale, u, v / scale, hessian))
+    return kept_as_is + sparse / scale, u, v / scale

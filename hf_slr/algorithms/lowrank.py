@@ -1,0 +1,152 @@
+"""Low-rank solvers and Hessian helpers shared by the S + LR methods.
+
+Every solver returns factors ``(U, V)`` with exactly ``rank`` columns / rows (zero-padded when the
+matrix has smaller rank), so ``U @ V`` has rank <= ``rank``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = [
+    "truncated_svd",
+    "randomized_svd",
+    "bilateral_random_projection",
+    "hessian_sqrt",
+    "reduced_rank_regression",
+    "damp_hessian",
+    "zero_factors",
+    "input_norms",
+]
+
+# Eigenvalues below this fraction of the largest are treated as zero (dead / collinear channels).
+EIGEN_RELATIVE_FLOOR = 1e-10
+
+
+def _pad_factors(u: torch.Tensor, v: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero-pad (U [m, k], V [k, n]) to exactly ``rank`` columns / rows."""
+    missing = rank - u.shape[1]
+    if missing > 0:
+        u = torch.cat([u, u.new_zeros(u.shape[0], missing)], dim=1)
+        v = torch.cat([v, v.new_zeros(missing, v.shape[1])], dim=0)
+    return u, v
+
+
+def zero_factors(
+    out_features: int, in_features: int, rank: int, like: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """U = 0 [out, rank], V = 0 [rank, in]: the low-rank part of a pure pruning method."""
+    return like.new_zeros(out_features, rank), like.new_zeros(rank, in_features)
+
+
+def truncated_svd(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best rank-``rank`` approximation U @ V of ``matrix`` in Frobenius norm (Eckart-Young)."""
+    if rank == 0:
+        return zero_factors(*matrix.shape, 0, matrix)
+    left, singular, right_t = torch.linalg.svd(matrix, full_matrices=False)
+    k = min(rank, singular.numel())
+    return _pad_factors(left[:, :k] * singular[:k], right_t[:k], rank)
+
+
+def _range_basis(
+    matrix: torch.Tensor, test_matrix: torch.Tensor, power_iterations: int
+) -> torch.Tensor:
+    """Orthonormal basis of range((A A^T)^q A Omega), re-orthonormalised at every power step."""
+    basis = torch.linalg.qr(matrix @ test_matrix).Q
+    for _ in range(power_iterations):
+        basis = torch.linalg.qr(matrix.T @ basis).Q
+        basis = torch.linalg.qr(matrix @ basis).Q
+    return basis
+
+
+def _gaussian(rows: int, cols: int, like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    return torch.randn(rows, cols, generator=generator, dtype=like.dtype).to(like.device)
+
+
+def randomized_svd(
+    matrix: torch.Tensor,
+    rank: int,
+    *,
+    oversampling: int = 10,
+    power_iterations: int = 2,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Randomized SVD (Halko, Martinsson & Tropp 2011, Alg. 4.4 + 5.1) truncated to ``rank``."""
+    if rank == 0:
+        return truncated_svd(matrix, 0)
+    sketch = min(rank + oversampling, min(matrix.shape))
+    basis = _range_basis(matrix, _gaussian(matrix.shape[1], sketch, matrix, generator), power_iterations)
+    u_small, v = truncated_svd(basis.T @ matrix, rank)
+    return basis @ u_small, v
+
+
+def bilateral_random_projection(
+    matrix: torch.Tensor,
+    rank: int,
+    *,
+    test_matrix: torch.Tensor | None = None,
+    power_iterations: int = 0,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank-``rank`` BRP approximation of 001 eq. 7 (GoDec, Zhou & Tao 2011): L = Y1 (A2^T Y1)^-1 Y2^T.
+
+    Y1 = A A1 and Y2 = A^T A2 with GoDec's choice A2 = Y1, so L = Q Q^T A with Q = orth(Y1); this
+    QR form is the same matrix, computed without inverting the (possibly singular) A2^T Y1.
+    ``test_matrix`` is A1 [in, rank] (Gaussian from ``generator`` when None); GoDec's power scheme
+    replaces Y1 by (A A^T)^q A A1.
+    """
+    if rank == 0:
+        return truncated_svd(matrix, 0)
+    if test_matrix is None:
+        test_matrix = _gaussian(matrix.shape[1], rank, matrix, generator)
+    basis = _range_basis(matrix, test_matrix, power_iterations)[:, :rank]
+    return _pad_factors(basis, basis.T @ matrix, rank)
+
+
+def hessian_sqrt(hessian: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(H^1/2, H^+1/2) of a symmetric PSD H via float64 eigendecomposition.
+
+    Eigenvalues below ``EIGEN_RELATIVE_FLOOR`` x the largest (dead channels, round-off negatives)
+    count as zero: the inverse square root is the Moore-Penrose one on the numerical range of H.
+    """
+    sym = 0.5 * (hessian + hessian.T).double()
+    eigenvalues, eigenvectors = torch.linalg.eigh(sym)
+    floor = EIGEN_RELATIVE_FLOOR * eigenvalues.abs().max().clamp_min(1e-300)
+    live = eigenvalues > floor
+    root = torch.where(live, eigenvalues, torch.zeros_like(eigenvalues)).sqrt()
+    inv_root = torch.where(live, 1.0 / root.clamp_min(floor.sqrt()), torch.zeros_like(root))
+    return (eigenvectors * root) @ eigenvectors.T, (eigenvectors * inv_root) @ eigenvectors.T
+
+
+def reduced_rank_regression(
+    residual: torch.Tensor, hessian: torch.Tensor, rank: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """argmin_{rank(L) <= r} tr((R - L) H (R - L)^T) for R [out, in]: L = P_r(R H^1/2) H^+1/2.
+
+    002 eq. 4 in the [out, in] convention (002 writes the transpose, H^-1/2 P_r(H^1/2 R)). Returns
+    (U, V) with U @ V = L. Directions of ``residual`` in the null space of H cost nothing and are
+    left out of L.
+    """
+    root, inv_root = hessian_sqrt(hessian)
+    u, v = truncated_svd(residual.double() @ root, rank)
+    return u.to(residual.dtype), (v @ inv_root).to(residual.dtype)
+
+
+def damp_hessian(hessian: torch.Tensor, percdamp: float = 0.01) -> torch.Tensor:
+    """H + lambda I with lambda = percdamp * mean(diag H) (SparseGPT, Frantar & Alistarh 2023)."""
+    damping = percdamp * hessian.diagonal().mean()
+    return hessian + damping * torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
+
+
+def input_norms(hessian: torch.Tensor) -> torch.Tensor:
+    """D = sqrt(diag H) = ||X_j||_2 per input channel (Wanda's scale, 004 §4.1.2), float32.
+
+    Dead channels (zero diagonal) get a floor of ``EIGEN_RELATIVE_FLOOR`` x the largest norm so that
+    D^-1 stays finite: they weigh nothing in any D-scaled objective, and projections of a D-scaled
+    matrix are column-wise contractions, so undoing the scaling cannot blow up.
+    """
+    norms = hessian.diagonal().double().clamp_min(0).sqrt()
+    largest = norms.max()
+    if largest <= 0:
+        return torch.ones_like(norms, dtype=torch.float32)
+    return norms.clamp_min(EIGEN_RELATIVE_FLOOR * largest).float()

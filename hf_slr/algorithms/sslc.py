@@ -1,0 +1,82 @@
+"""SSLC, "1+1>2" (Zong et al. 2025, 001 §4.2, Alg. 1).
+
+Alternates, in the space scaled by ||X_j||_2 = sqrt(H_jj) (001 eq. 6), a bilateral-random-projection
+low-rank step L' = Y1 (A2^T Y1)^-1 Y2^T of (W - S) ||X|| (eq. 7-8) and a sparse step keeping the
+largest salience delta_ij = (|W - L|_ij ||X_j||_2)^2 (eq. 4, diagonal approximation; eq. 5), T = 40
+times (§5.3). The top 1% salient weights of W are preserved as they are and excluded from the
+alternation (§4.2.3); they count in the sparse budget, so S holds ``target``'s nonzeros in all.
+
+Sparse scope: eq. 5 thresholds the whole matrix at one percentile theta, hence ``scope="matrix"``.
+
+BRP test matrix: A1 is Gaussian at the first iteration and the previous right factor V_{t-1}^T after
+(GoDec-style subspace reuse). range(L~ V_{t-1}^T) contains the column space of L~ P_row(V_{t-1}),
+which is at least as close to L~ as L_{t-1}, so every L step is no worse than keeping L_{t-1}: the
+property App. A (eq. 12-14) needs for the objective never to increase.
+
+Rank: the paper uses r = 128 for 4096-wide LLaMA layers (App. E.1, 50% compression); for other
+widths ``paper_rank`` keeps the same fraction of the smaller dimension (r = 128 * min(out, in) / 4096,
+e.g. 18 for SmolLM2-135M's 576-wide layers). The budget split itself is the caller's ``target``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .alternating import scaled_alternating_minimization
+from .base import Target
+from .lowrank import bilateral_random_projection, input_norms
+from .projections import sparsity_mask
+
+PAPER_RANK = 128
+PAPER_WIDTH = 4096
+
+
+def paper_rank(out_features: int, in_features: int) -> int:
+    """r = 128 at width 4096 (001 App. E.1), scaled with the smaller dimension: 128 min(out, in) / 4096."""
+    return max(1, round(PAPER_RANK * min(out_features, in_features) / PAPER_WIDTH))
+
+
+def preserved_mask(salience: torch.Tensor, target: Target, fraction: float, scope: str) -> torch.Tensor:
+    """Top ``fraction`` of ``salience`` (per ``scope``), restricted to a mask feasible for ``target``."""
+    top = sparsity_mask(salience, Target(sparsity=1.0 - fraction), scope)
+    return top & sparsity_mask(salience, target, scope)
+
+
+def decompose(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    target: Target,
+    *,
+    iterations: int = 40,
+    preserve_fraction: float = 0.01,
+    scope: str = "matrix",
+    power_iterations: int = 0,
+    seed: int = 0,
+    history: list[float] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SSLC Alg. 1: preserve the top ``preserve_fraction`` salient weights, then T alternations.
+
+    ``power_iterations > 0`` applies GoDec's power scheme inside each BRP: a closer L step, but no
+    longer provably no worse than L_{t-1}. ``seed`` fixes the first Gaussian test matrix.
+    """
+    weight = weight.float()
+    salience = (weight * input_norms(hessian)).abs()
+    preserved = preserved_mask(salience, target, preserve_fraction, scope) if preserve_fraction > 0 else None
+    generator = torch.Generator().manual_seed(seed)
+
+    def brp_step(matrix: torch.Tensor, previous_v: torch.Tensor | None):
+        test_matrix = None if previous_v is None else previous_v.T
+        return bilateral_random_projection(
+            matrix, target.rank, test_matrix=test_matrix, power_iterations=power_iterations, generator=generator
+        )
+
+    return scaled_alternating_minimization(
+        weight,
+        hessian,
+        target,
+        iterations=iterations,
+        low_rank_step=brp_step,
+        scope=scope,
+        preserved=preserved,
+        history=history,
+    )
