@@ -1,0 +1,1 @@
+"""lm-eval task configs (``slr_*.yaml``) that read the offline data; loaders in :mod:`.utils`."""
