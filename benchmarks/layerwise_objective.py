@@ -1,0 +1,144 @@
+"""Layer-wise S + LR objective of the registered methods on SmolLM2-135M (../shared/BENCHMARKS.md).
+
+Setting of the reference table: calibration = 32 random windows of 512 tokens from the first C4
+train shard sample (seed 0, ``hf_slr.calibration``: the SparseGPT/3BASiL loader), H = X^T X over all tokens of the DENSE model
+for q_proj, o_proj, up_proj, down_proj of decoder blocks 0 and 15, rank 16, 2:4 and 50%
+unstructured. Prints per-layer relative objective tr(E H E^T) / tr(W H W^T) (undamped H) and
+seconds, the geometric mean and total time per method, and the ratio to the reference numbers.
+
+    python benchmarks/layerwise_objective.py --threads 2 --configs 2:4 50% --rank 16 \\
+        --methods threebasil hassle_free oats --cache outputs/smollm2_hessians.pt --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from hf_slr import algorithms
+from hf_slr.algorithms.base import Target, relative_objective
+DEFAULT_LAYERS = ["self_attn.q_proj", "self_attn.o_proj", "mlp.up_proj", "mlp.down_proj"]
+
+# ../shared/BENCHMARKS.md: (geomean objective over the 8 layers, total seconds), 3BASiL authors' code.
+REFERENCE = {
+    ("2:4", 16): {"threebasil": (3.67e-3, 132), "hassle_free": (6.02e-3, 142), "oats": (1.31e-2, 98),
+                  "eora": (9.41e-3, 4.3)},
+    ("50%", 16): {"threebasil": (1.27e-3, 316), "hassle_free": (2.26e-3, 174), "oats": (5.49e-3, 103),
+                  "eora": (3.79e-3, 4.5)},
+}
+
+# Runs of the table: (label, registered method, keyword overrides); label "eora" = 1 AM step.
+RUNS = {
+    "threebasil": ("threebasil", {}),
+    "hassle_free": ("hassle_free", {"lowrank_step": "closed_form"}),
+    "hassle_free_gd": ("hassle_free", {"lowrank_step": "gd"}),
+    "oats": ("oats", {}),
+    "eora": ("hassle_free", {"lowrank_step": "closed_form", "iterations": 1}),
+    "qr_rpca": ("qr_rpca", {}),
+    "sparsegpt": ("sparsegpt", {}),
+    "wanda": ("wanda", {}),
+}
+
+
+def parse_config(text: str, rank: int) -> Target:
+    """'2:4' -> N:M target, '50%' -> unstructured target, both with ``rank``."""
+    if ":" in text:
+        n, m = (int(x) for x in text.split(":"))
+        return Target(rank=rank, nm_pattern=(n, m))
+    return Target(rank=rank, sparsity=float(text.rstrip("%")) / 100)
+
+
+def capture_hessians(samples: int, length: int, seed: int, blocks: list[int], layers: list[str]) -> dict:
+    """{name: (W, H)} with H = X^T X of the DENSE model's inputs over all calibration tokens."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hf_slr.calibration import HessianAccumulator, calibration_ids
+    from hf_slr.testing import demo_model_path
+
+    path = demo_model_path()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    modules = {f"model.layers.{b}.{layer}": model.get_submodule(f"model.layers.{b}.{layer}")
+               for b in blocks for layer in layers}
+    ids = calibration_ids("c4", tokenizer, n_samples=samples, seq_len=length, seed=seed)
+    with HessianAccumulator(modules) as accumulator, torch.no_grad():
+        for window in ids:
+            model(window[None])
+    return {name: (module.weight.detach().clone(), accumulator.hessians[name]) for name, module in modules.items()}
+
+
+def run(data: dict, method: str, kwargs: dict, target: Target) -> list[dict]:
+    algorithm = algorithms.get(method)
+    rows = []
+    for name, (weight, hessian) in data.items():
+        start, cpu = time.perf_counter(), time.process_time()
+        sparse, u, v = algorithm.decompose(weight, hessian if algorithm.needs_hessian else None, target, **kwargs)
+        seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+        rows.append({"layer": name, "objective": relative_objective(weight, sparse, u, v, hessian),
+                     "seconds": seconds, "cpu_seconds": cpu})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", nargs="+", default=["threebasil", "hassle_free", "hassle_free_gd", "oats"],
+                        choices=sorted(RUNS))
+    parser.add_argument("--configs", nargs="+", default=["2:4", "50%"], help="'N:M' or 'P%%' unstructured")
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--blocks", type=int, nargs="+", default=[0, 15], help="decoder blocks (7 = a middle one)")
+    parser.add_argument("--layers", nargs="+", default=DEFAULT_LAYERS)
+    parser.add_argument("--iterations", type=int, default=None,
+                        help="outer iterations of the alternating methods (default: each method's own, 80)")
+    parser.add_argument("--samples", type=int, default=32)
+    parser.add_argument("--length", type=int, default=512)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--cache", type=Path, default=None, help="load / save the captured (W, H) here")
+    parser.add_argument("--json", type=Path, default=None, help="write all per-layer rows here")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    if args.cache is not None and args.cache.exists():
+        data = torch.load(args.cache)
+    else:
+        data = capture_hessians(args.samples, args.length, args.seed, args.blocks, args.layers)
+        if args.cache is not None:
+            args.cache.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(data, args.cache)
+    data = {name: data[name] for b in args.blocks for layer in args.layers
+            if (name := f"model.layers.{b}.{layer}") in data}
+
+    results = {}
+    for config in args.configs:
+        target = parse_config(config, args.rank)
+        for label in args.methods:
+            method, kwargs = RUNS[label]
+            kwargs = dict(kwargs)
+            if args.iterations is not None and label != "eora" and "iterations" in algorithms.hyperparameters(method):
+                kwargs["iterations"] = args.iterations
+            rows = run(data, method, kwargs, target)
+            results[f"{config} r{args.rank} {label}"] = rows
+            geomean = math.exp(sum(math.log(max(r["objective"], 1e-30)) for r in rows) / len(rows))
+            total = sum(r["seconds"] for r in rows)
+            print(f"\n== {config} + rank {args.rank}: {label} ({method} {kwargs})")
+            for r in rows:
+                print(f"  {r['layer']:<34} {r['objective']:.3e}  {r['seconds']:7.2f} s  {r['cpu_seconds']:7.2f} cpu s")
+            cpu = sum(r["cpu_seconds"] for r in rows)
+            line = f"  geomean {geomean:.3e}   total {total:.1f} s ({cpu:.1f} cpu s)"
+            reference = REFERENCE.get((config, args.rank), {}).get(label)
+            if reference is not None:
+                line += (f"   reference {reference[0]:.2e} / {reference[1]} s"
+                         f"   ratio objective {geomean / reference[0]:.3f}, time {total / reference[1]:.3f}")
+            print(line, flush=True)
+    if args.json is not None:
+        args.json.write_text(json.dumps(results, indent=1))
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,274 @@
+"""3BASiL: 3-block ADMM on (S, L, D) with dual V (002 §2.2 eqs. 3-5, App. B eqs. 35-36).
+
+The problem (002 eq. 1) min tr((W - S - L) H' (W - S - L)^T) s.t. S in the sparsity set,
+rank(L) <= r is split with a copy D of S (002 eq. 2) and solved by
+
+    S = (H' + rho I)^-1 (H'(W - L) - V + rho D)           (eq. 3)
+    L = P_r((W - S) H'^1/2) H'^-1/2                       (eq. 4, [out, in] convention)
+    D = P_sparse(S + V / rho),  V += rho (S - D)          (eq. 5)
+
+with H' = H + 0.005 diag(H) + 0.005 mean(diag H) I (App. B). As in the authors' code (and the
+ALPS S-step it builds on), the iteration runs on the diagonally rescaled problem W~ = W diag(d),
+H~ = diag(d)^-1 H' diag(d)^-1, d = sqrt(diag H'): H~ has a unit diagonal, so rho_0 = 0.1 means the
+same on every layer, and P_sparse ranks |S_ij d_j| (the sparsity set is invariant to column
+scaling). H~ = Q Lambda Q^T is eigendecomposed once per layer; (H~ + rho I)^-1 = Q (Lambda +
+rho)^-1 Q^T is re-formed only when rho changes (every 10 iterations), and eq. 4 is a randomized
+SVD that never forms (W~ - S~) H~^1/2, so an iteration costs one [out, in] x [in, in] product.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import Target, relative_objective
+from .lowrank import _pad_factors, truncated_svd
+
+__all__ = ["SupportProjector", "WhitenedLowRank", "decompose", "masked_conjugate_gradient"]
+
+
+def _rescaled_hessian(
+    hessian: torch.Tensor, diagonal_damping: float, identity_damping: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(d, H~, dead) with d = sqrt(diag H') and H~ = H' / (d d^T), H' of 002 App. B."""
+    diagonal = hessian.diagonal()
+    mean = diagonal.mean()
+    if mean <= 0:
+        hessian, diagonal, mean = torch.eye(len(diagonal), dtype=hessian.dtype, device=hessian.device), 0, 1
+    damped = hessian + torch.diag(diagonal_damping * diagonal + identity_damping * mean)
+    scale = damped.diagonal().sqrt()
+    return scale, damped / scale[:, None] / scale[None, :], hessian.diagonal() <= 0
+
+
+class WhitenedLowRank:
+    """Eq. 4 on the rescaled problem: L~ = P_r((W~ - S~) F) F^-1 with F = Q Lambda^1/2 (F F^T = H~).
+
+    The whitened residual (W~ - S~) F is never formed: the randomized SVD (Halko et al. 2011,
+    Alg. 4.4) only multiplies it with thin matrices. Its test matrix is the previous right singular
+    basis, so successive ADMM iterations continue one subspace iteration.
+    """
+
+    def __init__(self, q, sqrt_lam, out_features, rank, sketch, generator):
+        self.q, self.sqrt_lam, self.rank = q, sqrt_lam, rank
+        self.factor = q * sqrt_lam
+        self.basis = torch.randn(q.shape[0], sketch, generator=generator, dtype=q.dtype).to(q.device)
+        self.u = q.new_zeros(out_features, rank)
+        self.right = q.new_zeros(rank, q.shape[0])
+
+    def fit(self, residual: torch.Tensor, power_iterations: int = 0) -> None:
+        """(U, right) <- top-``rank`` SVD of residual @ F (U carries the singular values)."""
+        if self.rank == 0:
+            return
+        left = torch.linalg.qr(residual @ (self.factor @ self.basis)).Q
+        for _ in range(power_iterations):
+            left = torch.linalg.qr(residual @ (self.factor @ (self.factor.T @ (residual.T @ left)))).Q
+        small_u, right = truncated_svd((left.T @ residual) @ self.factor, self.basis.shape[1])
+        self.u, self.right = left @ small_u[:, : self.rank], right[: self.rank]
+        self.basis = right.T.contiguous()
+
+    def v(self) -> torch.Tensor:
+        """V~ of L~ = U V~: right Lambda^-1/2 Q^T."""
+        return (self.right / self.sqrt_lam) @ self.q.T
+
+    def v_hessian(self) -> torch.Tensor:
+        """V~ H~ = right Lambda^1/2 Q^T, so that L~ H~ = U (V~ H~) in eq. 3."""
+        return (self.right * self.sqrt_lam) @ self.q.T
+
+
+class SupportProjector:
+    """Keep-masks of ``projections.sparsity_mask`` (same sets, exact counts, ties to the lower
+    index) for methods that project hundreds of times, without sorting: N:M ranks every entry by
+    pairwise comparisons inside its group; top-k per row thresholds at ``kthvalue``; top-k per
+    matrix finds the threshold inside a narrow band around the previous call's one (the support
+    moves little between iterations), falling back to ``kthvalue``.
+    """
+
+    def __init__(self, target: Target, scope: str = "row"):
+        if scope not in ("row", "matrix"):
+            raise ValueError(f"scope must be 'row' or 'matrix', got {scope!r}")
+        self.target, self.scope, self.threshold = target, scope, None
+
+    def __call__(self, scores: torch.Tensor) -> torch.Tensor:
+        if self.target.nm_pattern is not None:
+            return self._nm(scores, *self.target.nm_pattern)
+        if self.scope == "row":
+            return self._top(scores, self.target.kept_per_row(scores.shape[1]), self._row_threshold)
+        flat = scores.reshape(1, -1)
+        return self._top(flat, self.target.kept_total(*scores.shape), self._matrix_threshold).view_as(scores)
+
+    @staticmethod
+    def _nm(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
+        rows, cols = scores.shape
+        full = cols // m * m
+        groups = scores[:, :full].reshape(-1, m).T.contiguous()  # [m, groups]
+        keep = torch.empty_like(groups, dtype=torch.bool)
+        for i in range(m):
+            larger = torch.zeros(groups.shape[1], dtype=torch.int16, device=scores.device)
+            for j in range(m):
+                if j != i:
+                    larger.add_(groups[j] >= groups[i] if j < i else groups[j] > groups[i])
+            torch.lt(larger, n, out=keep[i])
+        mask = torch.zeros_like(scores, dtype=torch.bool)
+        mask[:, :full] = keep.T.reshape(rows, full)
+        return mask
+
+    @staticmethod
+    def _top(scores: torch.Tensor, kept: int, threshold) -> torch.Tensor:
+        """Keep the ``kept`` largest of every row of ``scores``, given the kept-th largest values."""
+        width = scores.shape[1]
+        if kept <= 0 or kept >= width:
+            return torch.full_like(scores, kept > 0, dtype=torch.bool)
+        tau = threshold(scores, kept)
+        keep = scores > tau
+        deficit = kept - torch.count_nonzero(keep, dim=1)[:, None]
+        if bool((deficit > 0).any()):
+            ties = scores == tau
+            keep |= ties & (ties.cumsum(1) <= deficit)
+        return keep
+
+    @staticmethod
+    def _row_threshold(scores: torch.Tensor, kept: int) -> torch.Tensor:
+        return scores.kthvalue(scores.shape[1] - kept + 1, dim=1, keepdim=True).values
+
+    def _matrix_threshold(self, flat: torch.Tensor, kept: int) -> torch.Tensor:
+        values = flat[0]
+        if self.threshold is not None:
+            hint, spread = self.threshold, 0.02 * abs(self.threshold) + 1e-30
+            for _ in range(3):
+                above = int(torch.count_nonzero(values > hint + spread))
+                band = values[(values > hint - spread) & (values <= hint + spread)]
+                if above < kept <= above + band.numel():
+                    self.threshold = float(band.kthvalue(band.numel() - (kept - above) + 1).values)
+                    return torch.tensor(self.threshold, dtype=values.dtype, device=values.device)
+                spread *= 4
+        tau = values.kthvalue(values.numel() - kept + 1).values
+        self.threshold = float(tau)
+        return tau
+
+
+def _next_rho(rho: float, change: int, kept: int, increased: bool) -> tuple[float, bool, str]:
+    """002 eq. 36 on s = |supp D_t (sym. diff.) supp D_t-10|, plus the authors' early-support rule:
+    before rho was ever increased, a small change divides rho by 5 (restarting if s > 0)."""
+    if change > 0.1 * kept:
+        return rho * 1.1, True, "continue"
+    if change > 0.005 * kept:
+        return rho * 1.05, True, "continue"
+    if change > 0:
+        return (rho * 1.02, True, "continue") if increased else (rho / 5, False, "restart")
+    return (rho, True, "stop") if increased else (rho / 5, False, "continue")
+
+
+def masked_conjugate_gradient(
+    start: torch.Tensor, rhs: torch.Tensor, hessian: torch.Tensor, mask: torch.Tensor, steps: int
+) -> torch.Tensor:
+    """min_S tr(S H S^T) / 2 - tr(S rhs^T) over supp(S) in ``mask``: row-wise CG from ``start``.
+
+    Every row is an independent SPD system H_JJ s = rhs_J on its support J (the ALPS back-solve);
+    CG iterates minimise the quadratic over growing Krylov spaces, so the objective never rises.
+    """
+    x = start * mask
+    residual = (rhs - x @ hessian) * mask
+    direction, norm = residual, residual.pow(2).sum(1, keepdim=True)
+    for _ in range(steps):
+        product = (direction @ hessian) * mask
+        curvature = (direction * product).sum(1, keepdim=True)
+        alpha = torch.where(curvature > 0, norm / curvature.clamp_min(1e-30), 0.0)
+        x = x + alpha * direction
+        residual = residual - alpha * product
+        new_norm = residual.pow(2).sum(1, keepdim=True)
+        direction = residual + torch.where(norm > 0, new_norm / norm.clamp_min(1e-30), 0.0) * direction
+        norm = new_norm
+    return x
+
+
+def decompose(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    target: Target,
+    *,
+    rho: float = 0.1,
+    rho_update_every: int = 10,
+    max_iterations: int = 2000,
+    min_iterations: int = 100,
+    stable_support: float = 3e-4,
+    diagonal_damping: float = 0.005,
+    identity_damping: float = 0.005,
+    scope: str = "matrix",
+    oversampling: int = 8,
+    refit_rounds: int = 2,
+    refit_cg_steps: int = 10,
+    seed: int = 0,
+    history: list | None = None,
+    residuals: list | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """3BASiL (002 eqs. 3-5 / 35) from S = W~, D = P(W~), V = 0, L = 0, rho_0 = 0.1 (App. B).
+
+    Every ``rho_update_every`` iterations rho follows eq. 36; the run stops when the support of D
+    did not change over those iterations (after rho was increased once), after ``min_iterations``
+    once fewer than ``stable_support`` x nnz entries changed (authors' code), or at
+    ``max_iterations``. The returned S is the feasible D, polished by ``refit_rounds`` rounds of
+    S on its fixed support (``refit_cg_steps`` CG steps: the ALPS back-solve of 002's reference
+    code) then the exact L of eq. 4, each a descent step. ``scope`` ranks unstructured sparsity per
+    "matrix" (authors' code) or per "row". ``residuals``, when a list, gets the primal residual
+    ||S - D||_F / ||D||_F after each iteration.
+    """
+    dtype = torch.promote_types(weight.dtype, torch.float32)
+    out_features, in_features = weight.shape
+    scale, rescaled, dead = _rescaled_hessian(hessian.to(dtype), diagonal_damping, identity_damping)
+    eigenvalues, eigenvectors = torch.linalg.eigh(rescaled.double())
+    lam = eigenvalues.clamp_min(1e-12 * eigenvalues.max()).to(dtype)
+    q = eigenvectors.to(dtype)
+
+    w = weight.to(dtype) * scale
+    w[:, dead] = 0
+    w_hessian = w @ rescaled
+    rank = min(target.rank, out_features, in_features)
+    sketch = min(rank + oversampling, out_features, in_features)
+    low_rank = WhitenedLowRank(q, lam.sqrt(), out_features, rank, sketch, torch.Generator().manual_seed(seed))
+
+    projector = SupportProjector(target, scope)
+
+    def project(values: torch.Tensor) -> torch.Tensor:
+        return projector(values.abs())
+
+    mask = project(w)
+    kept = max(int(mask.sum()), 1)
+    d, dual = w * mask, torch.zeros_like(w)
+    previous_mask, increased, inverse = mask, False, None
+    for iteration in range(max_iterations):
+        if inverse is None:
+            inverse = (q / (lam + rho)) @ q.T
+        # eq. 3: S = (W~ H~ - L~ H~ - V + rho D) (H~ + rho I)^-1
+        s = (torch.addmm(w_hessian, low_rank.u, low_rank.v_hessian(), alpha=-1) + rho * d - dual) @ inverse
+        # eq. 4: L = P_r((W~ - S) H~^1/2) H~^-1/2
+        low_rank.fit(w - s, power_iterations=2 if iteration == 0 else 0)
+        # eq. 5: D = P(S + V / rho); V + rho (S - D) = rho (Y - D)
+        y = s + dual / rho
+        mask = project(y)
+        d = y * mask
+        dual = rho * (y - d)
+        if history is not None:
+            history.append(relative_objective(weight, d / scale, low_rank.u, low_rank.v() / scale, hessian))
+        if residuals is not None:
+            residuals.append(float(torch.linalg.norm(s - d) / torch.linalg.norm(d).clamp_min(1e-30)))
+        if (iteration + 1) % rho_update_every:
+            continue
+        change = int((mask != previous_mask).sum())
+        previous_mask = mask
+        new_rho, increased, action = _next_rho(rho, change, kept, increased)
+        if action == "stop" or (iteration + 1 >= min_iterations and change < stable_support * kept):
+            break
+        if action == "restart":
+            d, dual = w * project(w), torch.zeros_like(w)
+        if new_rho != rho:
+            rho, inverse = min(new_rho, 1e6), None
+
+    sparse = d
+    for _ in range(refit_rounds):
+        rhs = torch.addmm(w_hessian, low_rank.u, low_rank.v_hessian(), alpha=-1)  # (W~ - L~) H~
+        sparse = masked_conjugate_gradient(sparse, rhs, rescaled, mask, refit_cg_steps)
+        low_rank.fit(w - sparse, power_iterations=2)
+    sparse_out = (sparse / scale).to(weight.dtype)
+    u_out, v_out = _pad_factors(low_rank.u.to(weight.dtype), (low_rank.v() / scale).to(weight.dtype), target.rank)
+    if history is not None and refit_rounds > 0:
+        history.append(relative_objective(weight, sparse_out, u_out, v_out, hessian))
+    return sparse_out, u_out, v_out

@@ -1,0 +1,165 @@
+"""Calibration data and activation statistics for the layer-wise objectives.
+
+:func:`calibration_ids` draws the token segments of the SparseGPT/Wanda protocol (128 segments of
+2048 tokens from C4, seed 0); :class:`HessianAccumulator` streams H = X^T X over the inputs of
+Linear layers while the pipeline runs a block forward (002 eq. 1, 004 §3).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .utils import data_file
+
+__all__ = ["C4_TRAIN_FILE", "LOCAL_SUFFIXES", "HessianAccumulator", "calibration_ids", "load_documents"]
+
+C4_TRAIN_FILE = "c4/c4-train.00000-of-01024.first1000.jsonl"
+"""The offline C4 sample that ``dataset="c4"`` reads (under :func:`hf_slr.utils.data_dir`)."""
+
+LOCAL_SUFFIXES = (".jsonl", ".json", ".txt")
+TEXT_FIELD = "text"
+
+
+def _texts(rows: Any, source: str) -> list[str]:
+    if not isinstance(rows, list) or not all(isinstance(row, dict) and TEXT_FIELD in row for row in rows):
+        raise ValueError(f"`dataset`={source!r}: every row must be an object with a {TEXT_FIELD!r} field")
+    return [row[TEXT_FIELD] for row in rows]
+
+
+def _read_local(path: Path) -> list[str]:
+    if not path.is_file():
+        raise FileNotFoundError(f"`dataset`={str(path)!r}: no such calibration file")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".txt":
+        return [text]
+    if path.suffix == ".jsonl":
+        return _texts([json.loads(line) for line in text.splitlines() if line.strip()], str(path))
+    return _texts(json.loads(text), str(path))
+
+
+def load_documents(dataset: Any) -> list[str]:
+    """The calibration documents of ``dataset``.
+
+    - ``"c4"``: the local C4 train sample (:data:`C4_TRAIN_FILE`, 1000 documents);
+    - a ``.jsonl`` / ``.json`` file (rows, or a list of rows, with a ``text`` field) or a ``.txt``
+      file (one document);
+    - a list of strings (one document each);
+    - a :class:`datasets.Dataset` (its ``text`` column);
+    - a Hub dataset id ``"owner/name"`` or ``"owner/name:config"`` (``text`` column of the ``train``
+      split, loaded with :func:`datasets.load_dataset`).
+    """
+    if isinstance(dataset, (list, tuple)):
+        documents = list(dataset)
+    elif isinstance(dataset, (str, Path)):
+        name = str(dataset)
+        if name == "c4":
+            documents = _read_local(data_file(C4_TRAIN_FILE))
+        elif Path(name).suffix in LOCAL_SUFFIXES:
+            documents = _read_local(Path(name))
+        else:
+            import datasets
+
+            repo, _, config = name.partition(":")
+            documents = datasets.load_dataset(repo, config or None, split="train")[TEXT_FIELD]
+    else:
+        import datasets
+
+        if not isinstance(dataset, datasets.Dataset):
+            raise ValueError(
+                "`dataset` must be 'c4', a .jsonl/.json/.txt path, a list of strings, a datasets.Dataset "
+                f"or a Hub dataset id, got {type(dataset).__name__}"
+            )
+        if TEXT_FIELD not in dataset.column_names:
+            raise ValueError(f"`dataset` has columns {dataset.column_names}; a {TEXT_FIELD!r} column is required")
+        documents = dataset[TEXT_FIELD]
+    if not documents or not all(isinstance(text, str) for text in documents):
+        raise ValueError("`dataset` must hold at least one document, and only strings")
+    return documents
+
+
+def calibration_ids(
+    dataset: Any, tokenizer, n_samples: int = 128, seq_len: int = 2048, seed: int = 0
+) -> torch.LongTensor:
+    """``n_samples`` segments of ``seq_len`` tokens, LongTensor [n_samples, seq_len].
+
+    The SparseGPT/Wanda protocol: with ``random.Random(seed)``, draw a random document
+    (``randint(0, n_docs - 1)``), tokenize it with the tokenizer's defaults, then draw a random
+    window start (``randint(0, n_tokens - seq_len - 1)``). Where SparseGPT redraws a document that
+    has ``seq_len`` tokens or fewer, the following documents (in order, wrapping around) are
+    appended to it, each after the tokenizer's EOS token when it has one, until the stream is
+    longer than ``seq_len``; with long enough documents both draw the same segments.
+    """
+    documents = load_documents(dataset)
+    separator = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+    encoded: dict[int, list[int]] = {}
+
+    def encode(index: int) -> list[int]:
+        if index not in encoded:
+            encoded[index] = tokenizer(documents[index], verbose=False).input_ids
+        return encoded[index]
+
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n_samples):
+        first = rng.randint(0, len(documents) - 1)
+        stream, following = list(encode(first)), first
+        while len(stream) <= seq_len:
+            following = (following + 1) % len(documents)
+            if following == first:
+                raise ValueError(
+                    f"`dataset` holds {len(stream)} tokens in all, fewer than `seq_len`={seq_len} + 1"
+                )
+            stream += separator + encode(following)
+        start = rng.randint(0, len(stream) - seq_len - 1)
+        rows.append(stream[start : start + seq_len])
+    return torch.tensor(rows, dtype=torch.long)
+
+
+class HessianAccumulator:
+    """Streams H = X^T X (float32, [in, in]) of the inputs X of Linear layers, and counts tokens.
+
+    A context manager: while open, a forward pre-hook on every layer adds x^T x of each call's
+    input, flattened to [tokens, in_features]; X itself is never kept. Layers called on the same
+    input tensor (q/k/v, gate/up) share one product. H starts at zero on the layer's device, so
+    channels (or layers) that never fire leave zeros (the algorithms handle them).
+
+    Args:
+        modules: name -> ``nn.Linear``.
+    """
+
+    def __init__(self, modules: dict[str, nn.Linear]):
+        self.modules = modules
+        self.hessians = {
+            name: torch.zeros(module.in_features, module.in_features, device=module.weight.device)
+            for name, module in modules.items()
+        }
+        self.tokens = dict.fromkeys(modules, 0)
+        self._handles = []
+        self._last_input = self._last_version = self._last_product = None
+
+    def _hook(self, name: str):
+        def accumulate(module, args):
+            x = args[0]
+            if x is not self._last_input or x._version != self._last_version:  # new, or changed in place
+                flat = x.detach().reshape(-1, x.shape[-1]).float()
+                self._last_input, self._last_version, self._last_product = x, x._version, flat.T @ flat
+            self.hessians[name] += self._last_product
+            self.tokens[name] += x.numel() // x.shape[-1]
+
+        return accumulate
+
+    def __enter__(self) -> "HessianAccumulator":
+        self._handles = [module.register_forward_pre_hook(self._hook(name)) for name, module in self.modules.items()]
+        return self
+
+    def __exit__(self, *exc_info):
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._last_input = self._last_version = self._last_product = None

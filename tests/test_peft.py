@@ -1,0 +1,171 @@
+"""LoRA on SLRLinear (hf_slr.peft): U, V as the adapter, or an extra adapter beside them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+import hf_slr
+from hf_slr.peft import SLRLoraLinear, get_slr_peft_model, load_slr_peft_model
+
+RANK = 4
+SPARSITIES = [0.5, "2:4"]
+
+
+@pytest.fixture(scope="module")
+def dense_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    path = tmp_path_factory.mktemp("dense")
+    LlamaForCausalLM(config).save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def ids():
+    return torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+
+
+def compressed(dense_dir, sparsity):
+    config = hf_slr.SLRConfig(method="magnitude_svd", sparsity=sparsity, rank=RANK)
+    return AutoModelForCausalLM.from_pretrained(dense_dir, quantization_config=config)
+
+
+def train(model, ids, steps=3):
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(steps):
+        model(ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return model.eval()
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def slr_layers(model):
+    return {name: module for name, module in model.named_modules() if isinstance(module, hf_slr.SLRLinear)}
+
+
+@pytest.mark.parametrize("sparsity", SPARSITIES)
+@pytest.mark.parametrize("mode, r", [("factors", None), ("factors", 6), ("extra", None)])
+def test_initial_output_unchanged(dense_dir, ids, sparsity, mode, r):
+    model = compressed(dense_dir, sparsity)
+    reference = logits(model, ids)
+    peft_model = get_slr_peft_model(model, r=r, mode=mode)
+    assert (logits(peft_model, ids) - reference).abs().max() <= 1e-6
+    layer = peft_model.get_base_model().model.layers[0].self_attn.q_proj
+    assert isinstance(layer, SLRLoraLinear) and layer.lora_A["default"].weight.shape[0] == (r or RANK)
+
+
+@pytest.mark.parametrize("sparsity", SPARSITIES)
+@pytest.mark.parametrize("mode", ["factors", "extra"])
+def test_training_changes_only_the_adapter(dense_dir, ids, sparsity, mode):
+    model = compressed(dense_dir, sparsity)
+    factors = sum(layer.U.numel() + layer.V.numel() for layer in slr_layers(model).values())
+    peft_model = get_slr_peft_model(model, mode=mode)
+    trainable = {name for name, p in peft_model.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_A." in name or ".lora_B." in name for name in trainable)
+    assert sum(p.numel() for p in peft_model.parameters() if p.requires_grad) == factors
+    if mode == "factors":
+        layer = peft_model.get_base_model().model.layers[1].mlp.down_proj
+        assert torch.equal(layer.lora_A["default"].weight, layer.base_layer.V)
+        assert torch.equal(layer.lora_B["default"].weight, layer.base_layer.U)
+
+    before = {name: t.clone() for name, t in peft_model.state_dict().items()}
+    train(peft_model, ids)
+    after = peft_model.state_dict()
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    assert changed == {name for name in before if ".lora_A." in name or ".lora_B." in name}
+    # S values, support buffers, U and V of the base layers, norms and embeddings are among the unchanged.
+    assert any("sparse_values" in name for name in before) and any(name.endswith(".base_layer.U") for name in before)
+
+
+@pytest.mark.parametrize("mode", ["factors", "extra"])
+def test_adapter_save_and_load(dense_dir, ids, tmp_path, mode):
+    peft_model = train(get_slr_peft_model(compressed(dense_dir, "2:4"), mode=mode), ids)
+    peft_model.save_pretrained(tmp_path)
+    loaded = load_slr_peft_model(compressed(dense_dir, "2:4"), tmp_path)
+    assert torch.equal(logits(loaded, ids), logits(peft_model, ids))
+
+
+@pytest.mark.parametrize("sparsity", SPARSITIES)
+@pytest.mark.parametrize(
+    "mode, r, merged_rank", [("factors", None, RANK), ("factors", 6, 6), ("extra", None, 2 * RANK)]
+)
+def test_merge_save_and_reload(dense_dir, ids, tmp_path, sparsity, mode, r, merged_rank):
+    peft_model = train(get_slr_peft_model(compressed(dense_dir, sparsity), r=r, mode=mode), ids)
+    tuned = logits(peft_model, ids)
+    merged = peft_model.merge_and_unload()
+    layers = slr_layers(merged)
+    assert not any(isinstance(module, SLRLoraLinear) for module in merged.modules())
+    layouts = merged.config.quantization_config.compressed_modules
+    assert {name: layout["rank"] for name, layout in layouts.items()} == dict.fromkeys(layers, merged_rank)
+    assert (logits(merged, ids) - tuned).abs().max() <= 1e-5
+
+    hf_slr.save_pretrained(merged, tmp_path / "merged")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert all(layer.rank == merged_rank for layer in slr_layers(reloaded).values())
+    assert torch.equal(logits(reloaded, ids), logits(merged, ids))
+
+
+def test_disable_unmerge_and_delta_weight(dense_dir, ids):
+    model = compressed(dense_dir, 0.5)
+    reference = logits(model, ids)
+    peft_model = train(get_slr_peft_model(model), ids)
+    tuned = logits(peft_model, ids)
+    with peft_model.disable_adapter():
+        assert torch.equal(logits(peft_model, ids), reference)
+
+    layer = peft_model.get_base_model().model.layers[0].self_attn.o_proj
+    u, v = layer.base_layer.U, layer.base_layer.V
+    x = torch.randn(3, layer.in_features)
+    expected = x @ (layer.base_layer.to_dense() + layer.get_delta_weight("default")).T
+    assert torch.allclose(layer(x), expected, atol=1e-5)
+
+    peft_model.merge_adapter()
+    assert (logits(peft_model, ids) - tuned).abs().max() <= 1e-5
+    peft_model.unmerge_adapter()
+    assert layer.base_layer.U is u and layer.base_layer.V is v
+    assert torch.equal(logits(peft_model, ids), tuned)
+
+
+def test_gradient_checkpointing(dense_dir, ids):
+    grads = []
+    for checkpointing in (False, True):
+        peft_model = get_slr_peft_model(compressed(dense_dir, "2:4"))
+        if checkpointing:
+            peft_model.activation_checkpointing_enable()
+        peft_model.train()
+        peft_model(ids, labels=ids).loss.backward()
+        grads.append({name: p.grad for name, p in peft_model.named_parameters() if p.requires_grad})
+    assert peft_model.get_base_model().model.layers[0].gradient_checkpointing
+    assert all(grads[1][name] is not None and torch.allclose(grads[1][name], g) for name, g in grads[0].items())
+
+
+def test_errors(dense_dir):
+    model = compressed(dense_dir, 0.5)
+    with pytest.raises(ValueError, match="no SLRLinear layers"):
+        get_slr_peft_model(LlamaForCausalLM.from_pretrained(dense_dir))
+    for r in (0, -1, 2.5):
+        with pytest.raises(ValueError, match="`r` must be an int > 0"):
+            get_slr_peft_model(model, r=r)
+    with pytest.raises(ValueError, match="`mode` must be one of"):
+        get_slr_peft_model(model, mode="dense")
+    with pytest.raises(ValueError, match="matches no SLRLinear layer"):
+        get_slr_peft_model(model, target_modules=["lm_head"])
+    with pytest.raises(ValueError, match="is set by `mode`"):
+        get_slr_peft_model(model, init_lora_weights="pissa")
+    with pytest.raises(ValueError, match="needs a LoRA rank >= the layer's rank 4"):
+        get_slr_peft_model(model, r=2)
