@@ -1,8 +1,9 @@
 """Calibration data and activation statistics for the layer-wise objectives.
 
-:func:`calibration_ids` draws the token segments of the SparseGPT/Wanda protocol (128 segments of
-2048 tokens from C4, seed 0); :class:`HessianAccumulator` streams H = X^T X over the inputs of
-Linear layers while the pipeline runs a block forward (002 eq. 1, 004 §3).
+:func:`calibration_ids` draws the token segments of the SparseGPT/Wanda protocol (004 §5.1: 128
+segments of 2048 tokens from the first C4 training shard); :class:`HessianAccumulator` streams
+H = X^T X over the inputs of Linear layers while the pipeline runs a block forward (the Hessian of
+the layer-wise objective, 002 eq. 1, 004 §3).
 """
 
 from __future__ import annotations

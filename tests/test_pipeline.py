@@ -165,7 +165,7 @@ def test_data_free_method_needs_no_data_and_no_tokenizer():
         assert entry["relative_objective"] == pytest.approx(expected, rel=1e-5)
 
 
-def test_half_precision_model_is_decomposed_in_float32_and_stored_in_its_dtype(tokenizer):
+def test_half_precision_model_keeps_its_dtype_through_compression_and_matching(tokenizer):
     model = tiny_model("llama").to(torch.bfloat16)
     hf_slr.compress(model, _config("wanda", transformer_matching=True, tm_epochs=1), tokenizer)
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())

@@ -1,0 +1,183 @@
+"""HASSLE-free, 3BASiL and QR-RPCA: exact targets, objectives vs. OATS, ADMM and RPCA convergence."""
+
+import pytest
+import torch
+
+from hf_slr.algorithms import available, get, hyperparameters
+from hf_slr.algorithms.base import Target, relative_objective
+from hf_slr.algorithms.lowrank import damp_hessian, reduced_rank_regression
+from hf_slr.algorithms.projections import sparsity_mask
+from hf_slr.algorithms.threebasil import SupportProjector, WhitenedLowRank, masked_conjugate_gradient
+
+# name -> (keyword overrides, sparsity scope of the default)
+RUNS = {
+    "threebasil": ("threebasil", {}, "matrix"),
+    "hassle_free": ("hassle_free", {"iterations": 15, "blocksize": 8}, "matrix"),
+    "hassle_free_gd": ("hassle_free", {"iterations": 15, "blocksize": 8, "lowrank_step": "gd"}, "matrix"),
+    "qr_rpca": ("qr_rpca", {"iterations": 30}, "matrix"),
+}
+TARGETS = [Target(rank=3, nm_pattern=(2, 4)), Target(rank=3, sparsity=0.5), Target(rank=0, sparsity=0.7)]
+
+
+def _layer(rows=24, cols=32, seed=0, dead=()):
+    """Gaussian W; activations = 6 shared factors + noise with spread channel scales, so H is far
+    from diagonal, as in LLM layers (where full-Hessian methods beat OATS' diagonal approximation)."""
+    g = torch.Generator().manual_seed(seed)
+    weight = torch.randn(rows, cols, generator=g)
+    x = torch.randn(256, 6, generator=g) @ torch.randn(6, cols, generator=g) + 0.3 * torch.randn(256, cols, generator=g)
+    x = x * torch.logspace(-0.5, 0.5, cols)
+    x[:, list(dead)] = 0
+    return weight, x.T @ x
+
+
+def _check_target(sparse, u, v, target, scope):
+    rows, cols = sparse.shape
+    assert u.shape == (rows, target.rank) and v.shape == (target.rank, cols)
+    assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in (sparse, u, v))
+    nonzero = sparse != 0
+    if target.nm_pattern is not None:
+        n, m = target.nm_pattern
+        assert (nonzero.reshape(rows, -1, m).sum(-1) <= n).all()
+    elif scope == "row":
+        assert (nonzero.sum(1) <= target.kept_per_row(cols)).all()
+    else:
+        assert nonzero.sum() <= target.kept_total(rows, cols)
+
+
+def test_registered_with_paper_defaults():
+    assert {"threebasil", "hassle_free", "qr_rpca"} <= set(available())
+    assert hyperparameters("hassle_free")["iterations"] == 80
+    assert hyperparameters("hassle_free")["lowrank_iterations"] == 50
+    assert hyperparameters("threebasil")["rho"] == 0.1
+    assert hyperparameters("qr_rpca")["iterations"] == 80
+    assert not hyperparameters("qr_rpca")["init"]
+
+
+@pytest.mark.parametrize("target", TARGETS, ids=str)
+@pytest.mark.parametrize("run", RUNS)
+def test_constraints_exact(run, target):
+    name, hyper, scope = RUNS[run]
+    weight, hessian = _layer()
+    sparse, u, v = get(name).decompose(weight, hessian, target, **hyper)
+    _check_target(sparse, u, v, target, scope)
+
+
+@pytest.mark.parametrize("run", RUNS)
+def test_dead_and_ill_conditioned_channels(run):
+    name, hyper, scope = RUNS[run]
+    weight, hessian = _layer(dead=(0, 5))
+    hessian[7] *= 1e6  # a channel six orders of magnitude louder: H badly conditioned
+    hessian[:, 7] *= 1e6
+    target = Target(rank=3, nm_pattern=(2, 4))
+    sparse, u, v = get(name).decompose(weight, hessian, target, **hyper)
+    _check_target(sparse, u, v, target, scope)
+    assert relative_objective(weight, sparse, u, v, hessian) < 0.5
+
+
+@pytest.mark.parametrize("target", TARGETS[:2], ids=str)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_full_hessian_methods_reach_oats(seed, target):
+    weight, hessian = _layer(seed=seed)
+    oats = relative_objective(weight, *get("oats").decompose(weight, hessian, target), hessian)
+    for run in ("threebasil", "hassle_free"):
+        name, hyper, _ = RUNS[run]
+        objective = relative_objective(weight, *get(name).decompose(weight, hessian, target, **hyper), hessian)
+        assert objective <= oats, (run, objective, oats)
+
+
+def test_hassle_free_closed_form_beats_gd_and_steps_are_monotone():
+    weight, hessian = _layer()
+    target = Target(rank=3, nm_pattern=(2, 4))
+    history = {}
+    for run in ("hassle_free", "hassle_free_gd"):
+        name, hyper, _ = RUNS[run]
+        history[run] = []
+        get(name).decompose(weight, hessian, target, history=history[run], **hyper)
+        assert len(history[run]) == hyper["iterations"]
+    assert history["hassle_free"][-1] <= history["hassle_free_gd"][-1]
+    assert history["hassle_free"][-1] <= history["hassle_free"][0]
+
+
+@pytest.mark.parametrize("rank", [1, 4])
+def test_whitened_low_rank_is_the_reduced_rank_regression(rank):
+    weight, hessian = _layer(rows=20, cols=28)
+    damped = damp_hessian(hessian.double(), 0.01)
+    eigenvalues, eigenvectors = torch.linalg.eigh(damped)
+    step = WhitenedLowRank(eigenvectors.float(), eigenvalues.sqrt().float(), 20, rank, rank + 8,
+                           torch.Generator().manual_seed(0))
+    step.fit(weight, power_iterations=6)
+    u, v = reduced_rank_regression(weight, damped.float(), rank)
+
+    def cost(low_rank):
+        error = (weight - low_rank).double()
+        return float(((error @ damped) * error).sum())
+
+    assert cost(step.u @ step.v()) == pytest.approx(cost(u @ v), rel=1e-4)
+    tail = torch.linalg.svdvals(weight.double() @ torch.linalg.cholesky(damped))[rank:].pow(2).sum()
+    assert cost(u @ v) == pytest.approx(float(tail), rel=1e-4)  # Eckart-Young in the whitened space
+
+
+def test_admm_primal_residual_vanishes_and_refit_descends():
+    weight, hessian = _layer()
+    history, residuals = [], []
+    target = Target(rank=3, nm_pattern=(2, 4))
+    get("threebasil").decompose(weight, hessian, target, history=history, residuals=residuals)
+    assert len(residuals) == len(history) - 1 >= 50  # one objective per iteration, plus the refit
+    assert residuals[-1] < 1e-2 * max(residuals[:10])
+    assert sum(residuals[-10:]) < sum(residuals[-30:-20])
+    assert history[-1] <= history[-2] * (1 + 1e-6)
+
+
+def test_masked_conjugate_gradient_solves_the_support_system():
+    weight, hessian = _layer(rows=6, cols=16)
+    mask = sparsity_mask(weight.abs(), Target(sparsity=0.5), "row")
+    solution = masked_conjugate_gradient(torch.zeros_like(weight), weight @ hessian, hessian, mask, 40)
+    assert not solution[~mask].any()
+    for row in range(6):
+        support = mask[row]
+        exact = torch.linalg.solve(hessian[support][:, support].double(), (weight @ hessian)[row, support].double())
+        torch.testing.assert_close(solution[row, support].double(), exact, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("target", [Target(sparsity=0.5), Target(sparsity=0.83), Target(nm_pattern=(2, 4)),
+                                    Target(nm_pattern=(3, 8)), Target(sparsity=0.0), Target(sparsity=1.0)], ids=str)
+@pytest.mark.parametrize("scope", ["row", "matrix"])
+def test_support_projector_matches_sparsity_mask(target, scope):
+    g = torch.Generator().manual_seed(0)
+    scores = torch.rand(16, 40, generator=g)
+    projector = SupportProjector(target, scope)
+    for step in range(3):  # the second and third calls start from the previous threshold
+        moved = scores * (1 + 0.01 * step)
+        assert torch.equal(projector(moved), sparsity_mask(moved, target, scope))
+    ties = torch.randint(0, 3, (16, 40), generator=g).float()
+    mask, reference = projector(ties), sparsity_mask(ties, target, scope)
+    assert mask.sum() == reference.sum() and ties[mask].sum() == ties[reference].sum()
+    if scope == "row" or target.nm_pattern is not None:
+        assert torch.equal(mask.sum(1), reference.sum(1))
+
+
+@pytest.mark.parametrize("target", TARGETS[:2], ids=str)
+@pytest.mark.parametrize("scaling", ["activation", "none"])
+def test_qr_rpca_objective_never_increases(scaling, target):
+    weight, hessian = _layer()
+    # with a diagonal H the layer objective is the one QR-RPCA minimises, ||(W - S - UV) D||_F
+    diagonal = torch.diag(hessian.diagonal()) if scaling == "activation" else None
+    history = []
+    get("qr_rpca").decompose(weight, diagonal, target, scaling=scaling, iterations=25, history=history)
+    assert all(b <= a * (1 + 1e-5) for a, b in zip(history, history[1:]))
+    assert history[-1] < history[0]
+
+
+def test_qr_rpca_warm_start_grows_and_shrinks_rank():
+    weight, hessian = _layer()
+    qr_rpca = get("qr_rpca").decompose
+    target = Target(rank=3, sparsity=0.5)
+    first = qr_rpca(weight, hessian, target, iterations=20)
+    for rank in (5, 2):
+        sparse, u, v = qr_rpca(weight, hessian, Target(rank=rank, sparsity=0.5), init=first, iterations=5)
+        _check_target(sparse, u, v, Target(rank=rank, sparsity=0.5), "matrix")
+    diagonal = torch.diag(hessian.diagonal())
+    cold = qr_rpca(weight, diagonal, target, iterations=20)
+    warm_history = []
+    qr_rpca(weight, diagonal, target, init=cold, iterations=3, history=warm_history)
+    assert warm_history[0] <= relative_objective(weight, *cold, diagonal) * (1 + 1e-5)
