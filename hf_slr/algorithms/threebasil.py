@@ -97,18 +97,16 @@ class SupportProjector:
 
     @staticmethod
     def _nm(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
-        rows, cols = scores.shape
-        full = cols // m * m
-        groups = scores[:, :full].reshape(-1, m).T.contiguous()  # [m, groups]
-        keep = torch.empty_like(groups, dtype=torch.bool)
-        for i in range(m):
-            larger = torch.zeros(groups.shape[1], dtype=torch.int16, device=scores.device)
-            for j in range(m):
-                if j != i:
-                    larger.add_(groups[j] >= groups[i] if j < i else groups[j] > groups[i])
-            torch.lt(larger, n, out=keep[i])
+        full = scores.shape[1] // m * m
+        groups = scores[:, :full].unflatten(1, (-1, m))  # a view: [rows, groups, m]
         mask = torch.zeros_like(scores, dtype=torch.bool)
-        mask[:, :full] = keep.T.reshape(rows, full)
+        keep = mask[:, :full].unflatten(1, (-1, m))
+        for i in range(m):
+            larger = torch.zeros_like(groups[..., i], dtype=torch.uint8)
+            for j in range(m):
+                if j != i:  # entries ranked above entry i: larger ones, and equal ones to its left
+                    larger += groups[..., j] >= groups[..., i] if j < i else groups[..., j] > groups[..., i]
+            torch.lt(larger, n, out=keep[..., i])
         return mask
 
     @staticmethod
@@ -225,40 +223,38 @@ def decompose(
     sketch = min(rank + oversampling, out_features, in_features)
     low_rank = WhitenedLowRank(q, lam.sqrt(), out_features, rank, sketch, torch.Generator().manual_seed(seed))
 
-    projector = SupportProjector(target, scope)
-
-    def project(values: torch.Tensor) -> torch.Tensor:
-        return projector(values.abs())
-
-    mask = project(w)
+    project = SupportProjector(target, scope)
+    mask = project(w.abs())
     kept = max(int(mask.sum()), 1)
     d, dual = w * mask, torch.zeros_like(w)
+    s, y, scratch = (torch.empty_like(w) for _ in range(3))  # reused: big allocations page-fault
     previous_mask, increased, inverse = mask, False, None
     for iteration in range(max_iterations):
         if inverse is None:
             inverse = (q / (lam + rho)) @ q.T
         # eq. 3: S = (W~ H~ - L~ H~ - V + rho D) (H~ + rho I)^-1
-        s = (torch.addmm(w_hessian, low_rank.u, low_rank.v_hessian(), alpha=-1) + rho * d - dual) @ inverse
+        torch.addmm(w_hessian, low_rank.u, low_rank.v_hessian(), alpha=-1, out=y).add_(d, alpha=rho).sub_(dual)
+        torch.mm(y, inverse, out=s)
         # eq. 4: L = P_r((W~ - S) H~^1/2) H~^-1/2
-        low_rank.fit(w - s, power_iterations=2 if iteration == 0 else 0)
+        low_rank.fit(torch.sub(w, s, out=scratch), power_iterations=2 if iteration == 0 else 0)
         # eq. 5: D = P(S + V / rho); V + rho (S - D) = rho (Y - D)
-        y = s + dual / rho
-        mask = project(y)
-        d = y * mask
-        dual = rho * (y - d)
+        torch.add(s, dual, alpha=1 / rho, out=y)
+        mask = project(torch.abs(y, out=scratch))
+        torch.mul(y, mask, out=d)
+        torch.sub(y, d, out=dual).mul_(rho)
         if history is not None:
             history.append(relative_objective(weight, d / scale, low_rank.u, low_rank.v() / scale, hessian))
         if residuals is not None:
             residuals.append(float(torch.linalg.norm(s - d) / torch.linalg.norm(d).clamp_min(1e-30)))
         if (iteration + 1) % rho_update_every:
             continue
-        change = int((mask != previous_mask).sum())
+        change = int(torch.count_nonzero(mask != previous_mask))
         previous_mask = mask
         new_rho, increased, action = _next_rho(rho, change, kept, increased)
         if action == "stop" or (iteration + 1 >= min_iterations and change < stable_support * kept):
             break
         if action == "restart":
-            d, dual = w * project(w), torch.zeros_like(w)
+            d, dual = w * project(w.abs()), torch.zeros_like(w)
         if new_rho != rho:
             rho, inverse = min(new_rho, 1e6), None
 
