@@ -177,9 +177,11 @@ class SLRLinear(nn.Module):
         return self.sparse_weight() + self.U @ self.V
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, self.sparse_weight(), self.bias)
+        # Factors may be stored in another dtype than the activations (`storage_dtype`): compute in x's.
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        out = F.linear(x, self.sparse_weight().to(x.dtype), bias)
         if self.rank:
-            out = out + F.linear(F.linear(x, self.V), self.U)
+            out = out + F.linear(F.linear(x, self.V.to(x.dtype)), self.U.to(x.dtype))
         return out
 
     def extra_repr(self) -> str:

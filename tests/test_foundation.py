@@ -67,6 +67,16 @@ def test_slr_linear_forward_matches_dense(nm_pattern):
     assert all(t.numel() < sparse.numel() for t in layer.state_dict().values())
 
 
+def test_storage_dtype_differs_from_activations():
+    sparse = _random_sparse(8, 16)
+    layer = SLRLinear.from_dense(sparse, torch.randn(8, 2), torch.randn(2, 16), dtype=torch.bfloat16)
+    x = torch.randn(3, 16)
+    out = layer(x)
+    assert out.dtype == torch.float32
+    reference = x @ (layer.sparse_weight().float() + layer.U.float() @ layer.V.float()).T
+    torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5)
+
+
 def test_nm_groups_with_fewer_nonzeros_are_completed():
     sparse = _random_sparse(4, 16, (2, 4))
     sparse[0, :4] = 0.0

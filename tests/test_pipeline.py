@@ -201,6 +201,7 @@ def test_transformer_matching_reduces_block_error_and_keeps_the_support(method, 
             assert torch.equal(value, dense_state[key]), key
 
 
+@pytest.mark.filterwarnings("ignore:Attempting to save a model with offloaded modules")
 def test_offloaded_blocks_compress_like_resident_ones(tokenizer, tmp_path):
     tiny_model("llama", layers=3).save_pretrained(tmp_path / "dense")
     config = dict(tokenizer=tokenizer, transformer_matching=True, tm_epochs=2, tm_batch_size=2)
