@@ -96,7 +96,9 @@ class SLRLoraLinear(lora.Linear):
         if self.disable_adapters or self.merged or not replaced:
             return super().forward(x, *args, **kwargs)
         base = self.get_base_layer()
-        result = F.linear(x, base.sparse_weight(), base.bias)  # S only: the adapters stand in for U V
+        # S only (in x's dtype, like SLRLinear.forward): the adapters stand in for U V.
+        bias = None if base.bias is None else base.bias.to(x.dtype)
+        result = F.linear(x, base.sparse_weight().to(x.dtype), bias)
         for name in (name for name in self.active_adapters if name in self.lora_A):
             x = self._cast_input_dtype(x, self.lora_A[name].weight.dtype)
             delta = self.lora_B[name](self.lora_A[name](self.lora_dropout[name](x))) * self.scaling[name]

@@ -34,8 +34,8 @@ def ids():
     return torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
 
 
-def compressed(dense_dir, sparsity):
-    config = hf_slr.SLRConfig(method="magnitude_svd", sparsity=sparsity, rank=RANK)
+def compressed(dense_dir, sparsity, **kwargs):
+    config = hf_slr.SLRConfig(method="magnitude_svd", sparsity=sparsity, rank=RANK, **kwargs)
     return AutoModelForCausalLM.from_pretrained(dense_dir, quantization_config=config)
 
 
@@ -139,6 +139,20 @@ def test_disable_unmerge_and_delta_weight(dense_dir, ids):
     peft_model.unmerge_adapter()
     assert layer.base_layer.U is u and layer.base_layer.V is v
     assert torch.equal(logits(peft_model, ids), tuned)
+
+
+def test_storage_dtype(dense_dir, ids, tmp_path):
+    """bfloat16 S, U, V under float32 activations: the adapter trains in float32, merges back in bfloat16."""
+    model = compressed(dense_dir, "2:4", storage_dtype="bfloat16")
+    reference = logits(model, ids)
+    peft_model = get_slr_peft_model(model)
+    assert peft_model.get_base_model().model.layers[0].mlp.up_proj.lora_A["default"].weight.dtype == torch.float32
+    assert (logits(peft_model, ids) - reference).abs().max() <= 1e-6
+    merged = train(peft_model, ids).merge_and_unload()
+    assert all(layer.U.dtype == torch.bfloat16 for layer in slr_layers(merged).values())
+    hf_slr.save_pretrained(merged, tmp_path / "merged")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert torch.equal(logits(reloaded, ids), logits(merged, ids))
 
 
 def test_gradient_checkpointing(dense_dir, ids):
