@@ -9,11 +9,12 @@ outer iteration solves
       - "gd": Low-Rank-GD (004 Alg. 1): T_LR = 50 Adam steps at eta_t = 1e-2 / (t + 10) on U and
         the diagonally rescaled V~ = V D of 004 eq. 7 (D = sqrt(diag H), H~ = D^-1 H D^-1 has a
         unit diagonal), warm-started from the previous (U, V); 004 Alg. 2 starts from U = 0 on
-        the input side and a Gaussian on the output side.
-T_AM = 80 (004 A.2, OATS' default). The default is "closed_form": it is the optimum of (P2)
-rather than an approximation of it, and on SmolLM2 it reaches lower objectives than "gd" at a
-fraction of the cost (measured by benchmarks/layerwise_objective.py; 002 Table 6 reports the
-same for Llama3-8B).
+        the input side and a Gaussian on the output side. (Mapping back is V = V~ D^-1: the
+        "U <- D U" of Alg. 2 and the "M* = D U* V*^T" of eq. 7 should read D^-1.)
+T_AM = 80 (004 A.2, OATS' default). The default is "closed_form": it solves (P2) exactly instead
+of approximately (002 App. B); on the 8 SmolLM2 layers of BENCHMARKS.md (rank 16) it reaches
+geomean objectives of 6.02e-3 (2:4) / 2.26e-3 (50%) against 7.77e-3 / 2.90e-3 for "gd", in 70% of
+the CPU time (benchmarks/layerwise_objective.py; 002 Table 6 finds the same order on Llama3-8B).
 """
 
 from __future__ import annotations

@@ -44,13 +44,13 @@ class WhitenedLowRank:
 
     The whitened residual (W~ - S~) F is never formed: the randomized SVD (Halko et al. 2011,
     Alg. 4.4) only multiplies it with thin matrices. Its test matrix is the previous right singular
-    basis, so successive ADMM iterations continue one subspace iteration.
+    basis V~ (stored as F V~), so successive ADMM iterations continue one subspace iteration.
     """
 
     def __init__(self, q, sqrt_lam, out_features, rank, sketch, generator):
         self.q, self.sqrt_lam, self.rank = q, sqrt_lam, rank
         self.factor = q * sqrt_lam
-        self.basis = torch.randn(q.shape[0], sketch, generator=generator, dtype=q.dtype).to(q.device)
+        self.test = self.factor @ torch.randn(q.shape[0], sketch, generator=generator, dtype=q.dtype).to(q.device)
         self.u = q.new_zeros(out_features, rank)
         self.right = q.new_zeros(rank, q.shape[0])
 
@@ -58,20 +58,20 @@ class WhitenedLowRank:
         """(U, right) <- top-``rank`` SVD of residual @ F (U carries the singular values)."""
         if self.rank == 0:
             return
-        left = torch.linalg.qr(residual @ (self.factor @ self.basis)).Q
+        left = torch.linalg.qr(residual @ self.test).Q
         for _ in range(power_iterations):
             left = torch.linalg.qr(residual @ (self.factor @ (self.factor.T @ (residual.T @ left)))).Q
-        small_u, right = truncated_svd((left.T @ residual) @ self.factor, self.basis.shape[1])
+        small_u, right = truncated_svd((left.T @ residual) @ self.factor, self.test.shape[1])
         self.u, self.right = left @ small_u[:, : self.rank], right[: self.rank]
-        self.basis = right.T.contiguous()
+        self.test = self.factor @ right.T
 
     def v(self) -> torch.Tensor:
         """V~ of L~ = U V~: right Lambda^-1/2 Q^T."""
         return (self.right / self.sqrt_lam) @ self.q.T
 
     def v_hessian(self) -> torch.Tensor:
-        """V~ H~ = right Lambda^1/2 Q^T, so that L~ H~ = U (V~ H~) in eq. 3."""
-        return (self.right * self.sqrt_lam) @ self.q.T
+        """V~ H~ = right Lambda^1/2 Q^T = (F right^T)^T, so that L~ H~ = U (V~ H~) in eq. 3."""
+        return self.test[:, : self.rank].T
 
 
 class SupportProjector:
@@ -192,7 +192,7 @@ def decompose(
     identity_damping: float = 0.005,
     scope: str = "matrix",
     oversampling: int = 8,
-    refit_rounds: int = 2,
+    refit_rounds: int = 1,
     refit_cg_steps: int = 10,
     seed: int = 0,
     history: list | None = None,
@@ -203,7 +203,8 @@ def decompose(
     Every ``rho_update_every`` iterations rho follows eq. 36; the run stops when the support of D
     did not change over those iterations (after rho was increased once), after ``min_iterations``
     once fewer than ``stable_support`` x nnz entries changed (authors' code), or at
-    ``max_iterations``. The returned S is the feasible D, polished by ``refit_rounds`` rounds of
+    ``max_iterations`` (on the SmolLM2 layers of BENCHMARKS.md: 270-500 iterations, the authors'
+    code 280-470). The returned S is the feasible D, polished by ``refit_rounds`` rounds of
     S on its fixed support (``refit_cg_steps`` CG steps: the ALPS back-solve of 002's reference
     code) then the exact L of eq. 4, each a descent step. ``scope`` ranks unstructured sparsity per
     "matrix" (authors' code) or per "row". ``residuals``, when a list, gets the primal residual
@@ -228,6 +229,7 @@ def decompose(
     kept = max(int(mask.sum()), 1)
     d, dual = w * mask, torch.zeros_like(w)
     s, y, scratch = (torch.empty_like(w) for _ in range(3))  # reused: big allocations page-fault
+    zero = w.new_zeros(())
     previous_mask, increased, inverse = mask, False, None
     for iteration in range(max_iterations):
         if inverse is None:
@@ -240,8 +242,8 @@ def decompose(
         # eq. 5: D = P(S + V / rho); V + rho (S - D) = rho (Y - D)
         torch.add(s, dual, alpha=1 / rho, out=y)
         mask = project(torch.abs(y, out=scratch))
-        torch.mul(y, mask, out=d)
-        torch.sub(y, d, out=dual).mul_(rho)
+        torch.where(mask, y, zero, out=d)
+        torch.mul(y, rho, out=dual).masked_fill_(mask, 0.0)
         if history is not None:
             history.append(relative_objective(weight, d / scale, low_rank.u, low_rank.v() / scale, hessian))
         if residuals is not None:

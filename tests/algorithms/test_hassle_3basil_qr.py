@@ -7,7 +7,8 @@ from hf_slr.algorithms import available, get, hyperparameters
 from hf_slr.algorithms.base import Target, relative_objective
 from hf_slr.algorithms.lowrank import damp_hessian, reduced_rank_regression
 from hf_slr.algorithms.projections import sparsity_mask
-from hf_slr.algorithms.threebasil import SupportProjector, WhitenedLowRank, masked_conjugate_gradient
+from hf_slr.algorithms.threebasil import SupportProjector, WhitenedLowRank, _next_rho, masked_conjugate_gradient
+from test_methods import _check_target
 
 # name -> (keyword overrides, sparsity scope of the default)
 RUNS = {
@@ -28,20 +29,6 @@ def _layer(rows=24, cols=32, seed=0, dead=()):
     x = x * torch.logspace(-0.5, 0.5, cols)
     x[:, list(dead)] = 0
     return weight, x.T @ x
-
-
-def _check_target(sparse, u, v, target, scope):
-    rows, cols = sparse.shape
-    assert u.shape == (rows, target.rank) and v.shape == (target.rank, cols)
-    assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in (sparse, u, v))
-    nonzero = sparse != 0
-    if target.nm_pattern is not None:
-        n, m = target.nm_pattern
-        assert (nonzero.reshape(rows, -1, m).sum(-1) <= n).all()
-    elif scope == "row":
-        assert (nonzero.sum(1) <= target.kept_per_row(cols)).all()
-    else:
-        assert nonzero.sum() <= target.kept_total(rows, cols)
 
 
 def test_registered_with_paper_defaults():
@@ -85,7 +72,7 @@ def test_full_hessian_methods_reach_oats(seed, target):
         assert objective <= oats, (run, objective, oats)
 
 
-def test_hassle_free_closed_form_beats_gd_and_steps_are_monotone():
+def test_hassle_free_closed_form_beats_gd_and_its_first_step():
     weight, hessian = _layer()
     target = Target(rank=3, nm_pattern=(2, 4))
     history = {}
@@ -95,7 +82,18 @@ def test_hassle_free_closed_form_beats_gd_and_steps_are_monotone():
         get(name).decompose(weight, hessian, target, history=history[run], **hyper)
         assert len(history[run]) == hyper["iterations"]
     assert history["hassle_free"][-1] <= history["hassle_free_gd"][-1]
-    assert history["hassle_free"][-1] <= history["hassle_free"][0]
+    assert history["hassle_free"][-1] <= history["hassle_free"][0]  # the first step is EoRA
+
+
+@pytest.mark.parametrize(
+    "change, increased, expected",
+    [(200, False, (1.1, True, "continue")), (10, True, (1.05, True, "continue")),
+     (1, True, (1.02, True, "continue")), (1, False, (0.2, False, "restart")),
+     (0, True, (1.0, True, "stop")), (0, False, (0.2, False, "continue"))],
+)
+def test_rho_schedule_is_eq_36(change, increased, expected):
+    rho, now_increased, action = _next_rho(1.0, change, 1000, increased)
+    assert (rho, now_increased, action) == pytest.approx(expected)
 
 
 @pytest.mark.parametrize("rank", [1, 4])
