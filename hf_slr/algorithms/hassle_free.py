@@ -22,9 +22,8 @@ from __future__ import annotations
 import torch
 
 from .base import Target, relative_objective
-from .lowrank import _pad_factors, damp_hessian
+from .lowrank import WhitenedLowRank, damp_hessian, pad_factors
 from .sparsegpt import inverse_hessian_cholesky, sparsegpt_prune
-from .threebasil import WhitenedLowRank
 
 __all__ = ["decompose"]
 
@@ -119,7 +118,7 @@ def decompose(
             history.append(relative_objective(weight32, sparse, u, v, hessian))
     if lowrank_step == "gd":
         sparse, u, v = best[1]
-    u, v = _pad_factors(u, v, target.rank)
+    u, v = pad_factors(u, v, target.rank)
     return sparse.to(weight.dtype), u.to(weight.dtype), v.to(weight.dtype)
 
 

@@ -17,13 +17,15 @@ __all__ = [
     "damp_hessian",
     "zero_factors",
     "input_norms",
+    "pad_factors",
+    "WhitenedLowRank",
 ]
 
 # Eigenvalues below this fraction of the largest are treated as zero (dead / collinear channels).
 EIGEN_RELATIVE_FLOOR = 1e-10
 
 
-def _pad_factors(u: torch.Tensor, v: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_factors(u: torch.Tensor, v: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Zero-pad (U [m, k], V [k, n]) to exactly ``rank`` columns / rows."""
     missing = rank - u.shape[1]
     if missing > 0:
@@ -45,7 +47,7 @@ def truncated_svd(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.
         return zero_factors(*matrix.shape, 0, matrix)
     left, singular, right_t = torch.linalg.svd(matrix, full_matrices=False)
     k = min(rank, singular.numel())
-    return _pad_factors(left[:, :k] * singular[:k], right_t[:k], rank)
+    return pad_factors(left[:, :k] * singular[:k], right_t[:k], rank)
 
 
 def _range_basis(
@@ -100,7 +102,7 @@ def bilateral_random_projection(
     if test_matrix is None:
         test_matrix = _gaussian(matrix.shape[1], rank, matrix, generator)
     basis = _range_basis(matrix, test_matrix, power_iterations)[:, :rank]
-    return _pad_factors(basis, basis.T @ matrix, rank)
+    return pad_factors(basis, basis.T @ matrix, rank)
 
 
 def hessian_sqrt(hessian: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,17 +121,21 @@ def hessian_sqrt(hessian: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def reduced_rank_regression(
-    residual: torch.Tensor, hessian: torch.Tensor, rank: int
+    residual: torch.Tensor,
+    hessian: torch.Tensor,
+    rank: int,
+    *,
+    roots: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """argmin_{rank(L) <= r} tr((R - L) H (R - L)^T) for R [out, in]: L = P_r(R H^1/2) H^+1/2.
 
     002 eq. 4 in the [out, in] convention (002 writes the transpose, H^-1/2 P_r(H^1/2 R)). Returns
     (U, V) with U @ V = L. Directions of ``residual`` in the null space of H cost nothing and are
-    left out of L.
+    left out of L. ``roots`` = ``hessian_sqrt(hessian)``, when the same H serves many calls.
     """
-    root, inv_root = hessian_sqrt(hessian)
-    u, v = truncated_svd(residual.double() @ root, rank)
-    return u.to(residual.dtype), (v @ inv_root).to(residual.dtype)
+    root, inv_root = hessian_sqrt(hessian) if roots is None else roots
+    u, v = truncated_svd(residual.double() @ root.double(), rank)
+    return u.to(residual.dtype), (v @ inv_root.double()).to(residual.dtype)
 
 
 def damp_hessian(hessian: torch.Tensor, percdamp: float = 0.01) -> torch.Tensor:
@@ -150,3 +156,40 @@ def input_norms(hessian: torch.Tensor) -> torch.Tensor:
     if largest <= 0:
         return torch.ones_like(norms, dtype=torch.float32)
     return norms.clamp_min(EIGEN_RELATIVE_FLOOR * largest).float()
+
+
+class WhitenedLowRank:
+    """Randomized 002 eq. 4 for a fixed H = Q Lambda Q^T: L = P_r(R F) F^-1 with F = Q Lambda^1/2.
+
+    The closed-form low-rank step of 3BASiL and HASSLE-free, reused across their iterations: the
+    eigendecomposition is computed once by the caller and the whitened residual R F is never
+    formed; the randomized SVD (Halko et al. 2011, Alg. 4.4) only multiplies it with thin
+    matrices. Its test matrix is the previous right singular basis (stored as F V), so successive
+    calls continue one subspace iteration.
+    """
+
+    def __init__(self, q, sqrt_lam, out_features, rank, sketch, generator):
+        self.q, self.sqrt_lam, self.rank = q, sqrt_lam, rank
+        self.factor = q * sqrt_lam
+        self.test = self.factor @ torch.randn(q.shape[0], sketch, generator=generator, dtype=q.dtype).to(q.device)
+        self.u = q.new_zeros(out_features, rank)
+        self.right = q.new_zeros(rank, q.shape[0])
+
+    def fit(self, residual: torch.Tensor, power_iterations: int = 0) -> None:
+        """(U, right) <- top-``rank`` SVD of residual @ F (U carries the singular values)."""
+        if self.rank == 0:
+            return
+        left = torch.linalg.qr(residual @ self.test).Q
+        for _ in range(power_iterations):
+            left = torch.linalg.qr(residual @ (self.factor @ (self.factor.T @ (residual.T @ left)))).Q
+        small_u, right = truncated_svd((left.T @ residual) @ self.factor, self.test.shape[1])
+        self.u, self.right = left @ small_u[:, : self.rank], right[: self.rank]
+        self.test = self.factor @ right.T
+
+    def v(self) -> torch.Tensor:
+        """V of L = U V: right Lambda^-1/2 Q^T."""
+        return (self.right / self.sqrt_lam) @ self.q.T
+
+    def v_hessian(self) -> torch.Tensor:
+        """V H = right Lambda^1/2 Q^T = (F right^T)^T, so that L H = U (V H) (002 eq. 3)."""
+        return self.test[:, : self.rank].T

@@ -10,7 +10,7 @@ import torch
 
 from .base import Target
 
-__all__ = ["mask_topk_per_row", "mask_topk_matrix", "mask_nm", "sparsity_mask"]
+__all__ = ["mask_topk_per_row", "mask_topk_matrix", "mask_nm", "sparsity_mask", "SupportProjector"]
 
 
 def _keep_indices(scores: torch.Tensor, kept: int, dim: int) -> torch.Tensor:
@@ -52,3 +52,72 @@ def sparsity_mask(scores: torch.Tensor, target: Target, scope: str = "row") -> t
     if scope == "matrix":
         return mask_topk_matrix(scores, target.kept_total(*scores.shape))
     raise ValueError(f"scope must be 'row' or 'matrix', got {scope!r}")
+
+
+class SupportProjector:
+    """Keep-masks of ``projections.sparsity_mask`` (same sets, exact counts, ties to the lower
+    index) for methods that project hundreds of times, without sorting: N:M ranks every entry by
+    pairwise comparisons inside its group; top-k per row thresholds at ``kthvalue``; top-k per
+    matrix finds the threshold inside a narrow band around the previous call's one (the support
+    moves little between iterations), falling back to ``kthvalue``.
+    """
+
+    def __init__(self, target: Target, scope: str = "row"):
+        if scope not in ("row", "matrix"):
+            raise ValueError(f"scope must be 'row' or 'matrix', got {scope!r}")
+        self.target, self.scope, self.threshold = target, scope, None
+
+    def __call__(self, scores: torch.Tensor) -> torch.Tensor:
+        if self.target.nm_pattern is not None:
+            return self._nm(scores, *self.target.nm_pattern)
+        if self.scope == "row":
+            return self._top(scores, self.target.kept_per_row(scores.shape[1]), self._row_threshold)
+        flat = scores.reshape(1, -1)
+        return self._top(flat, self.target.kept_total(*scores.shape), self._matrix_threshold).view_as(scores)
+
+    @staticmethod
+    def _nm(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
+        full = scores.shape[1] // m * m
+        groups = scores[:, :full].unflatten(1, (-1, m))  # a view: [rows, groups, m]
+        mask = torch.zeros_like(scores, dtype=torch.bool)
+        keep = mask[:, :full].unflatten(1, (-1, m))
+        for i in range(m):
+            larger = torch.zeros_like(groups[..., i], dtype=torch.uint8)
+            for j in range(m):
+                if j != i:  # entries ranked above entry i: larger ones, and equal ones to its left
+                    larger += groups[..., j] >= groups[..., i] if j < i else groups[..., j] > groups[..., i]
+            torch.lt(larger, n, out=keep[..., i])
+        return mask
+
+    @staticmethod
+    def _top(scores: torch.Tensor, kept: int, threshold) -> torch.Tensor:
+        """Keep the ``kept`` largest of every row of ``scores``, given the kept-th largest values."""
+        width = scores.shape[1]
+        if kept <= 0 or kept >= width:
+            return torch.full_like(scores, kept > 0, dtype=torch.bool)
+        tau = threshold(scores, kept)
+        keep = scores > tau
+        deficit = kept - torch.count_nonzero(keep, dim=1)[:, None]
+        if bool((deficit > 0).any()):
+            ties = scores == tau
+            keep |= ties & (ties.cumsum(1) <= deficit)
+        return keep
+
+    @staticmethod
+    def _row_threshold(scores: torch.Tensor, kept: int) -> torch.Tensor:
+        return scores.kthvalue(scores.shape[1] - kept + 1, dim=1, keepdim=True).values
+
+    def _matrix_threshold(self, flat: torch.Tensor, kept: int) -> torch.Tensor:
+        values = flat[0]
+        if self.threshold is not None:
+            hint, spread = self.threshold, 0.02 * abs(self.threshold) + 1e-30
+            for _ in range(3):
+                above = int(torch.count_nonzero(values > hint + spread))
+                band = values[(values > hint - spread) & (values <= hint + spread)]
+                if above < kept <= above + band.numel():
+                    self.threshold = float(band.kthvalue(band.numel() - (kept - above) + 1).values)
+                    return torch.tensor(self.threshold, dtype=values.dtype, device=values.device)
+                spread *= 4
+        tau = values.kthvalue(values.numel() - kept + 1).values
+        self.threshold = float(tau)
+        return tau

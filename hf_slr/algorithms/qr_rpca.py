@@ -25,8 +25,8 @@ from __future__ import annotations
 import torch
 
 from .base import Target, relative_objective
-from .lowrank import _pad_factors, bilateral_random_projection, input_norms
-from .threebasil import SupportProjector
+from .lowrank import pad_factors, bilateral_random_projection, input_norms
+from .projections import SupportProjector
 
 __all__ = ["decompose"]
 
@@ -80,5 +80,5 @@ def decompose(
         sparse = residual * project(residual.abs())
         if history is not None:
             history.append(relative_objective(w, sparse / scale, u, v / scale, hessian))
-    u, v = _pad_factors(u, v / scale, target.rank)
+    u, v = pad_factors(u, v / scale, target.rank)
     return (sparse / scale).to(weight.dtype), u.to(weight.dtype), v.to(weight.dtype)

@@ -82,24 +82,25 @@ def sparsegpt_prune(
         blocksize = max(m, blocksize // m * m)
     for start in range(0, width, blocksize):
         stop = min(start + blocksize, width)
-        block = pruned[:, start:stop]
+        # Work on the transposed block: column ``col`` is a contiguous row, the OBS update an in-place addr_.
+        block = pruned[:, start:stop].T.contiguous()
         block_factor = factor[start:stop, start:stop]
         diagonal = block_factor.diagonal()
-        errors = torch.zeros_like(block)
+        errors = torch.empty_like(block)
         if target.nm_pattern is None:
-            keep = _block_mask(block.pow(2) / diagonal.pow(2), target, start, stop, width, scope)
+            keep = _block_mask(block.T.pow(2) / diagonal.pow(2), target, start, stop, width, scope).T
         else:
-            keep = torch.zeros_like(block, dtype=torch.bool)
+            keep = torch.empty_like(block, dtype=torch.bool)
         for col in range(stop - start):
             if target.nm_pattern is not None and col % m == 0:
                 group = slice(col, col + m)
-                keep[:, group] = mask_nm(block[:, group].pow(2) / diagonal[group].pow(2), n, m)
-            column = block[:, col]
-            error = column * ~keep[:, col] / diagonal[col]
-            block[:, col:] -= error[:, None] * block_factor[col, col:][None, :]
-            block[:, col] = column * keep[:, col]
-            errors[:, col] = error
-        pruned[:, stop:] -= errors @ factor[start:stop, stop:]
+                keep[group] = mask_nm(block[group].T.pow(2) / diagonal[group].pow(2), n, m).T
+            error = block[col] * ~keep[col] / diagonal[col]
+            block[col:].addr_(block_factor[col, col:], error, alpha=-1.0)
+            block[col] *= keep[col]
+            errors[col] = error
+        pruned[:, start:stop] = block.T
+        pruned[:, stop:].addmm_(errors.T, factor[start:stop, stop:], alpha=-1.0)
     return pruned
 
 

@@ -21,9 +21,10 @@ from __future__ import annotations
 import torch
 
 from .base import Target, relative_objective
-from .lowrank import _pad_factors, truncated_svd
+from .lowrank import WhitenedLowRank, pad_factors
+from .projections import SupportProjector
 
-__all__ = ["SupportProjector", "WhitenedLowRank", "decompose", "masked_conjugate_gradient"]
+__all__ = ["decompose", "masked_conjugate_gradient"]
 
 
 def _rescaled_hessian(
@@ -37,110 +38,6 @@ def _rescaled_hessian(
     damped = hessian + torch.diag(diagonal_damping * diagonal + identity_damping * mean)
     scale = damped.diagonal().sqrt()
     return scale, damped / scale[:, None] / scale[None, :], hessian.diagonal() <= 0
-
-
-class WhitenedLowRank:
-    """Eq. 4 on the rescaled problem: L~ = P_r((W~ - S~) F) F^-1 with F = Q Lambda^1/2 (F F^T = H~).
-
-    The whitened residual (W~ - S~) F is never formed: the randomized SVD (Halko et al. 2011,
-    Alg. 4.4) only multiplies it with thin matrices. Its test matrix is the previous right singular
-    basis V~ (stored as F V~), so successive ADMM iterations continue one subspace iteration.
-    """
-
-    def __init__(self, q, sqrt_lam, out_features, rank, sketch, generator):
-        self.q, self.sqrt_lam, self.rank = q, sqrt_lam, rank
-        self.factor = q * sqrt_lam
-        self.test = self.factor @ torch.randn(q.shape[0], sketch, generator=generator, dtype=q.dtype).to(q.device)
-        self.u = q.new_zeros(out_features, rank)
-        self.right = q.new_zeros(rank, q.shape[0])
-
-    def fit(self, residual: torch.Tensor, power_iterations: int = 0) -> None:
-        """(U, right) <- top-``rank`` SVD of residual @ F (U carries the singular values)."""
-        if self.rank == 0:
-            return
-        left = torch.linalg.qr(residual @ self.test).Q
-        for _ in range(power_iterations):
-            left = torch.linalg.qr(residual @ (self.factor @ (self.factor.T @ (residual.T @ left)))).Q
-        small_u, right = truncated_svd((left.T @ residual) @ self.factor, self.test.shape[1])
-        self.u, self.right = left @ small_u[:, : self.rank], right[: self.rank]
-        self.test = self.factor @ right.T
-
-    def v(self) -> torch.Tensor:
-        """V~ of L~ = U V~: right Lambda^-1/2 Q^T."""
-        return (self.right / self.sqrt_lam) @ self.q.T
-
-    def v_hessian(self) -> torch.Tensor:
-        """V~ H~ = right Lambda^1/2 Q^T = (F right^T)^T, so that L~ H~ = U (V~ H~) in eq. 3."""
-        return self.test[:, : self.rank].T
-
-
-class SupportProjector:
-    """Keep-masks of ``projections.sparsity_mask`` (same sets, exact counts, ties to the lower
-    index) for methods that project hundreds of times, without sorting: N:M ranks every entry by
-    pairwise comparisons inside its group; top-k per row thresholds at ``kthvalue``; top-k per
-    matrix finds the threshold inside a narrow band around the previous call's one (the support
-    moves little between iterations), falling back to ``kthvalue``.
-    """
-
-    def __init__(self, target: Target, scope: str = "row"):
-        if scope not in ("row", "matrix"):
-            raise ValueError(f"scope must be 'row' or 'matrix', got {scope!r}")
-        self.target, self.scope, self.threshold = target, scope, None
-
-    def __call__(self, scores: torch.Tensor) -> torch.Tensor:
-        if self.target.nm_pattern is not None:
-            return self._nm(scores, *self.target.nm_pattern)
-        if self.scope == "row":
-            return self._top(scores, self.target.kept_per_row(scores.shape[1]), self._row_threshold)
-        flat = scores.reshape(1, -1)
-        return self._top(flat, self.target.kept_total(*scores.shape), self._matrix_threshold).view_as(scores)
-
-    @staticmethod
-    def _nm(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
-        full = scores.shape[1] // m * m
-        groups = scores[:, :full].unflatten(1, (-1, m))  # a view: [rows, groups, m]
-        mask = torch.zeros_like(scores, dtype=torch.bool)
-        keep = mask[:, :full].unflatten(1, (-1, m))
-        for i in range(m):
-            larger = torch.zeros_like(groups[..., i], dtype=torch.uint8)
-            for j in range(m):
-                if j != i:  # entries ranked above entry i: larger ones, and equal ones to its left
-                    larger += groups[..., j] >= groups[..., i] if j < i else groups[..., j] > groups[..., i]
-            torch.lt(larger, n, out=keep[..., i])
-        return mask
-
-    @staticmethod
-    def _top(scores: torch.Tensor, kept: int, threshold) -> torch.Tensor:
-        """Keep the ``kept`` largest of every row of ``scores``, given the kept-th largest values."""
-        width = scores.shape[1]
-        if kept <= 0 or kept >= width:
-            return torch.full_like(scores, kept > 0, dtype=torch.bool)
-        tau = threshold(scores, kept)
-        keep = scores > tau
-        deficit = kept - torch.count_nonzero(keep, dim=1)[:, None]
-        if bool((deficit > 0).any()):
-            ties = scores == tau
-            keep |= ties & (ties.cumsum(1) <= deficit)
-        return keep
-
-    @staticmethod
-    def _row_threshold(scores: torch.Tensor, kept: int) -> torch.Tensor:
-        return scores.kthvalue(scores.shape[1] - kept + 1, dim=1, keepdim=True).values
-
-    def _matrix_threshold(self, flat: torch.Tensor, kept: int) -> torch.Tensor:
-        values = flat[0]
-        if self.threshold is not None:
-            hint, spread = self.threshold, 0.02 * abs(self.threshold) + 1e-30
-            for _ in range(3):
-                above = int(torch.count_nonzero(values > hint + spread))
-                band = values[(values > hint - spread) & (values <= hint + spread)]
-                if above < kept <= above + band.numel():
-                    self.threshold = float(band.kthvalue(band.numel() - (kept - above) + 1).values)
-                    return torch.tensor(self.threshold, dtype=values.dtype, device=values.device)
-                spread *= 4
-        tau = values.kthvalue(values.numel() - kept + 1).values
-        self.threshold = float(tau)
-        return tau
 
 
 def _next_rho(rho: float, change: int, kept: int, increased: bool) -> tuple[float, bool, str]:
@@ -266,7 +163,7 @@ def decompose(
         sparse = masked_conjugate_gradient(sparse, rhs, rescaled, mask, refit_cg_steps)
         low_rank.fit(w - sparse, power_iterations=2)
     sparse_out = (sparse / scale).to(weight.dtype)
-    u_out, v_out = _pad_factors(low_rank.u.to(weight.dtype), (low_rank.v() / scale).to(weight.dtype), target.rank)
+    u_out, v_out = pad_factors(low_rank.u.to(weight.dtype), (low_rank.v() / scale).to(weight.dtype), target.rank)
     if history is not None and refit_rounds > 0:
         history.append(relative_objective(weight, sparse_out, u_out, v_out, hessian))
     return sparse_out, u_out, v_out

@@ -5,10 +5,9 @@ import torch
 
 from hf_slr.algorithms import available, get, hyperparameters
 from hf_slr.algorithms.base import Target, relative_objective
-from hf_slr.algorithms.lowrank import damp_hessian, reduced_rank_regression
-from hf_slr.algorithms.projections import sparsity_mask
-from hf_slr.algorithms.threebasil import SupportProjector, WhitenedLowRank, _next_rho, masked_conjugate_gradient
-from test_methods import _check_target
+from hf_slr.algorithms.lowrank import WhitenedLowRank, damp_hessian, reduced_rank_regression
+from hf_slr.algorithms.projections import SupportProjector, sparsity_mask
+from hf_slr.algorithms.threebasil import _next_rho, masked_conjugate_gradient
 
 # name -> (keyword overrides, sparsity scope of the default)
 RUNS = {
@@ -42,22 +41,22 @@ def test_registered_with_paper_defaults():
 
 @pytest.mark.parametrize("target", TARGETS, ids=str)
 @pytest.mark.parametrize("run", RUNS)
-def test_constraints_exact(run, target):
+def test_constraints_exact(run, target, check_target):
     name, hyper, scope = RUNS[run]
     weight, hessian = _layer()
     sparse, u, v = get(name).decompose(weight, hessian, target, **hyper)
-    _check_target(sparse, u, v, target, scope)
+    check_target(sparse, u, v, target, scope)
 
 
 @pytest.mark.parametrize("run", RUNS)
-def test_dead_and_ill_conditioned_channels(run):
+def test_dead_and_ill_conditioned_channels(run, check_target):
     name, hyper, scope = RUNS[run]
     weight, hessian = _layer(dead=(0, 5))
     hessian[7] *= 1e6  # a channel six orders of magnitude louder: H badly conditioned
     hessian[:, 7] *= 1e6
     target = Target(rank=3, nm_pattern=(2, 4))
     sparse, u, v = get(name).decompose(weight, hessian, target, **hyper)
-    _check_target(sparse, u, v, target, scope)
+    check_target(sparse, u, v, target, scope)
     assert relative_objective(weight, sparse, u, v, hessian) < 0.5
 
 
@@ -166,14 +165,14 @@ def test_qr_rpca_objective_never_increases(scaling, target):
     assert history[-1] < history[0]
 
 
-def test_qr_rpca_warm_start_grows_and_shrinks_rank():
+def test_qr_rpca_warm_start_grows_and_shrinks_rank(check_target):
     weight, hessian = _layer()
     qr_rpca = get("qr_rpca").decompose
     target = Target(rank=3, sparsity=0.5)
     first = qr_rpca(weight, hessian, target, iterations=20)
     for rank in (5, 2):
         sparse, u, v = qr_rpca(weight, hessian, Target(rank=rank, sparsity=0.5), init=first, iterations=5)
-        _check_target(sparse, u, v, Target(rank=rank, sparsity=0.5), "matrix")
+        check_target(sparse, u, v, Target(rank=rank, sparsity=0.5), "matrix")
     diagonal = torch.diag(hessian.diagonal())
     cold = qr_rpca(weight, diagonal, target, iterations=20)
     warm_history = []
