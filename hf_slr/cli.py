@@ -1,6 +1,8 @@
 """``hf-slr``: compress, evaluate and inspect models from the command line.
 
     hf-slr compress MODEL_OR_DIR --method oats --sparsity 0.5 --rank 16 --out DIR
+    hf-slr compress MODEL_OR_DIR --method qr_rpca --compression-ratio 0.5 --rank-ratio 0.25 \
+        --allocation learned --allocation-kwargs '{"steps": 20}' --out DIR
     hf-slr eval DIR --ppl wikitext2,c4 --tasks piqa,arc_easy --limit 100 --json FILE
     hf-slr info DIR
 """
@@ -44,6 +46,8 @@ def compress(args) -> dict:
         tokenizer=tokenizer,
         method_kwargs=json.loads(args.method_kwargs) if args.method_kwargs else None,
         transformer_matching=args.tm,
+        allocation=args.allocation,
+        allocation_kwargs=json.loads(args.allocation_kwargs) if args.allocation_kwargs else None,
     )
     start = time.perf_counter()
     model = _load(args.model, args.dtype, quantization_config=config)
@@ -100,6 +104,7 @@ def info(args) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     from . import algorithms
+    from .allocation import ALLOCATIONS
 
     parser = argparse.ArgumentParser(prog="hf-slr", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -117,6 +122,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--method-kwargs", default=None, help='JSON, e.g. \'{"iterations": 40}\'')
     p.add_argument("--tm", action="store_true", help="transformer matching after each block (002 §3)")
+    p.add_argument(
+        "--allocation",
+        default="uniform",
+        choices=list(ALLOCATIONS),
+        help="budget per layer / matrix: uniform, owl (outlier-weighted) or learned (bilevel, 000); "
+        "owl and learned need --compression-ratio and --rank-ratio",
+    )
+    p.add_argument("--allocation-kwargs", default=None, help='JSON, e.g. \'{"steps": 20, "init": "owl"}\'')
     p.add_argument("--dtype", default="float32", choices=list(DTYPES))
     p.add_argument("--out", required=True, help="output folder (written atomically)")
     p.set_defaults(run=compress)

@@ -11,10 +11,11 @@ from typing import Any
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from . import algorithms
+from .allocation import ALLOCATIONS
+from .allocation import check_kwargs as check_allocation_kwargs
 
 QUANT_METHOD = "slr"
 STORAGE_DTYPES = ("float32", "float16", "bfloat16")
-ALLOCATIONS = ("uniform",)
 _NM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
 
@@ -46,6 +47,14 @@ def _check(condition: bool, message: str):
         raise ValueError(message)
 
 
+def _is_hf_dataset(value: Any) -> bool:
+    if isinstance(value, (str, list, tuple)) or value is None:
+        return False
+    import datasets
+
+    return isinstance(value, datasets.Dataset)
+
+
 class SLRConfig(QuantizationConfigMixin):
     """Configuration of sparse plus low-rank compression, W ~ S + U V.
 
@@ -62,14 +71,20 @@ class SLRConfig(QuantizationConfigMixin):
         modules_to_not_convert: module names (or name suffixes) left dense; ``lm_head`` and the
             embeddings always stay dense.
         dataset: calibration data: ``"c4"`` (the local C4 train sample), a path, a list of strings,
-            or a Hub dataset name.
+            a ``datasets.Dataset`` with a ``text`` column, or a Hub dataset name.
         n_samples, seq_len, seed: calibration segments (SparseGPT protocol: 128 x 2048, seed 0).
         tokenizer: name or path of the tokenizer for calibration (default: the model's own).
         method_kwargs: hyperparameters of ``method`` (names checked against its signature).
         storage_dtype: dtype of the stored S values and U, V (default: the model's dtype).
         transformer_matching, tm_epochs, tm_batch_size, tm_lr: block-output matching after each
             block is compressed (002 §3, App. B defaults: 20 epochs, batch 8, lr 2e-5 cosine).
-        allocation, allocation_kwargs: how budgets are spread over layers (``"uniform"``).
+        allocation: how the budget is spread over matrices: ``"uniform"``; ``"owl"`` (per-layer
+            sparsity from outlier ratios, Yin et al. 2024); ``"learned"`` (per-layer sparsity and
+            per-matrix rank ratio by the bilevel outer loop of 000). ``owl`` and ``learned`` need
+            ``compression_ratio`` with unstructured sparsity (``rank_ratio`` is kappa, the initial one
+            for ``learned``) and meet its total budget exactly. See docs/allocation.md.
+        allocation_kwargs: hyperparameters of ``allocation`` (names and values checked against
+            ``hf_slr.allocation.hyperparameters(allocation)``).
         compressed_modules: filled after compression: per module ``{"rank", "nnz", "sparsity"}``;
             a checkpoint reloads its exact shapes from it.
         base_model: name or path of the dense model that was compressed (filled after compression).
@@ -83,7 +98,7 @@ class SLRConfig(QuantizationConfigMixin):
         compression_ratio: float | None = None,
         rank_ratio: float | None = None,
         modules_to_not_convert: list[str] | None = None,
-        dataset: str | list[str] = "c4",
+        dataset: Any = "c4",
         n_samples: int = 128,
         seq_len: int = 2048,
         seed: int = 0,
@@ -110,7 +125,9 @@ class SLRConfig(QuantizationConfigMixin):
         self.compression_ratio = compression_ratio
         self.rank_ratio = rank_ratio
         self.modules_to_not_convert = list(modules_to_not_convert) if modules_to_not_convert is not None else None
-        self.dataset = dataset
+        # Likewise a datasets.Dataset: kept for this session, described by its fingerprint when serialized.
+        self._dataset_object = dataset if _is_hf_dataset(dataset) else None
+        self.dataset = f"datasets.Dataset@{dataset._fingerprint}" if self._dataset_object is not None else dataset
         self.n_samples = n_samples
         self.seq_len = seq_len
         self.seed = seed
@@ -183,7 +200,8 @@ class SLRConfig(QuantizationConfigMixin):
             )
         _check(
             isinstance(self.dataset, str) or (isinstance(self.dataset, list) and all(isinstance(t, str) for t in self.dataset)),
-            f"`dataset` must be 'c4', a path, a Hub dataset name or a list of strings, got {type(self.dataset).__name__}",
+            "`dataset` must be 'c4', a path, a Hub dataset name, a list of strings or a datasets.Dataset, "
+            f"got {type(self.dataset).__name__}",
         )
         for field in ("n_samples", "seq_len", "tm_epochs", "tm_batch_size"):
             value = getattr(self, field)
@@ -217,6 +235,14 @@ class SLRConfig(QuantizationConfigMixin):
             f"`allocation` must be one of {list(ALLOCATIONS)}, got {self.allocation!r}",
         )
         _check(isinstance(self.allocation_kwargs, dict), "`allocation_kwargs` must be a dict")
+        if self.allocation != "uniform":
+            _check(
+                self.compression_ratio is not None and nm_pattern is None,
+                f"`allocation`={self.allocation!r} spreads the budget of `compression_ratio` over layers with "
+                "unstructured sparsity: it needs `compression_ratio` and `rank_ratio`, not a fixed `rank` / "
+                "`sparsity` or an N:M pattern (use allocation='uniform' for those)",
+            )
+        check_allocation_kwargs(self.allocation, self.allocation_kwargs)
         if self.compressed_modules is not None:
             _check(isinstance(self.compressed_modules, dict), "`compressed_modules` must be a dict name -> layout")
             for name, layout in self.compressed_modules.items():
@@ -260,9 +286,15 @@ class SLRConfig(QuantizationConfigMixin):
         """The tokenizer object passed at construction, if any (not serialized)."""
         return self._tokenizer_object
 
+    @property
+    def calibration_data(self):
+        """What calibration reads: the ``datasets.Dataset`` passed at construction, else ``dataset``."""
+        return self._dataset_object if self._dataset_object is not None else self.dataset
+
     def __deepcopy__(self, memo):
         clone = self.__class__.from_dict(self.to_dict())
         clone._tokenizer_object = self._tokenizer_object
+        clone._dataset_object = self._dataset_object
         return clone
 
     def __eq__(self, other):

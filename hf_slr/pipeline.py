@@ -27,7 +27,7 @@ from transformers import PreTrainedModel
 
 from . import algorithms
 from .algorithms.base import relative_objective
-from .allocation import module_targets
+from .allocation import module_targets, uniform_targets
 from .calibration import HessianAccumulator, calibration_ids
 from .config import SLRConfig
 from .modules import FORMAT_VERSION, MARKER_KEY, SLRLinear
@@ -379,6 +379,81 @@ def transformer_matching(
     return before, after
 
 
+# --- allocation ---------------------------------------------------------------------------------
+
+
+class _InputNorms:
+    """Streams sum_t x_tj^2 of the inputs of Linear layers (forward pre-hooks, float64); the
+    ``norms`` are ||X_j||_2 = sqrt(diag X^T X) per input channel."""
+
+    def __init__(self, modules: dict[str, nn.Linear]):
+        self.modules = modules
+        self.sums = {name: torch.zeros(m.in_features, dtype=torch.float64, device=m.weight.device) for name, m in modules.items()}
+        self._handles = []
+
+    def __enter__(self) -> "_InputNorms":
+        def hook(name):
+            def accumulate(module, args):
+                self.sums[name] += args[0].detach().double().pow(2).flatten(0, -2).sum(0)
+
+            return accumulate
+
+        self._handles = [module.register_forward_pre_hook(hook(name)) for name, module in self.modules.items()]
+        return self
+
+    def __exit__(self, *exc_info):
+        for handle in self._handles:
+            handle.remove()
+
+    @property
+    def norms(self) -> dict[str, torch.Tensor]:
+        return {name: total.sqrt().float().cpu() for name, total in self.sums.items()}
+
+
+def _allocation_statistics(
+    model: nn.Module, config: SLRConfig, blocks: nn.ModuleList, block_linears, input_ids, inputs, calls
+) -> dict:
+    """What ``module_targets`` needs for owl / learned: the input norms of every target Linear from
+    one dense pass over the calibration rows, block by block, and (learned) the loss closure."""
+    norms, hidden = {}, inputs
+    for index, block in enumerate(blocks):
+        with _on_compute_device(block) as device, _InputNorms(block_linears[index]) as recorder:
+            hidden = _forward_block(block, calls[index].to(device), hidden.to(device))
+        norms.update(recorder.norms)
+    del hidden
+    statistics = {"norms": norms}
+    if config.allocation == "learned":
+        linears = {name: module for group in block_linears for name, module in group.items()}
+        statistics.update(loss=_lm_loss(model, linears, input_ids), n_rows=len(input_ids))
+    return statistics
+
+
+def _lm_loss(model: nn.Module, linears: dict[str, nn.Linear], input_ids: torch.LongTensor):
+    """``loss(W_hat, rows)``: the causal-LM loss of ``model`` on ``input_ids[rows]`` with the weights
+    of the named Linears temporarily replaced by ``W_hat`` (the dense ones are restored after)."""
+    if any(linear.weight.device.type == "meta" for linear in linears.values()):
+        raise ValueError("`allocation`='learned' needs the target weights in memory; it does not support offloaded models")
+    device = _execution_device(model.get_input_embeddings())
+
+    @torch.no_grad()
+    def loss(approximations: dict[str, torch.Tensor], rows: torch.LongTensor) -> float:
+        dense = {name: linears[name].weight.data for name in approximations}
+        try:
+            for name, weight in approximations.items():
+                linears[name].weight.data = weight.to(dense[name])
+            batch = input_ids[rows].to(device)
+            total = sum(
+                float(model(input_ids=batch[part], labels=batch[part], use_cache=False).loss) * len(batch[part])
+                for part in _row_batches(len(batch))
+            )
+        finally:
+            for name, weight in dense.items():
+                linears[name].weight.data = weight
+        return total / len(batch)
+
+    return loss
+
+
 # --- compression --------------------------------------------------------------------------------
 
 
@@ -429,24 +504,32 @@ def compress(model: nn.Module, config: SLRConfig, tokenizer=None) -> nn.Module:
     its relative objective ||X(W - S - U V)||_F^2 / ||X W||_F^2 (with H = I when data-free), rank,
     sparsity, seconds and, for iterative methods, the objective per iteration (``history``); per
     block its seconds and, with transformer matching, ``tm_loss_before`` / ``tm_loss_after``.
+    With ``allocation`` "owl" or "learned" the targets come from the allocation (computed on the
+    dense model before the first block is compressed) and ``"allocation"`` holds its report: per-layer
+    sparsity, per-module rank ratio / rank / nnz, the outer-loop loss curve and seconds.
     """
     algorithm = algorithms.get(config.method)
     prefix, blocks = decoder_blocks(model)
     block_linears = _block_linears(model, config)
     all_linears = {name: module for group in block_linears for name, module in group.items()}
-    targets = module_targets(all_linears, config)
+    allocated = config.allocation != "uniform"
     calibrated = algorithm.needs_hessian or config.transformer_matching
-    _validate(model, config, all_linears, targets, calibrated)
+    _validate(model, config, all_linears, uniform_targets(all_linears, config), calibrated or allocated)
     del all_linears
 
     was_training = model.training
     model.eval()
     layouts, report = {}, {"modules": [], "blocks": []}
     try:
-        if calibrated:
+        if calibrated or allocated:
             tokenizer = _calibration_tokenizer(model, config, tokenizer)
-            input_ids = calibration_ids(config.dataset, tokenizer, config.n_samples, config.seq_len, config.seed)
+            input_ids = calibration_ids(config.calibration_data, tokenizer, config.n_samples, config.seq_len, config.seed)
             inputs, calls = capture_block_inputs(model, input_ids)
+        statistics = _allocation_statistics(model, config, blocks, block_linears, input_ids, inputs, calls) if allocated else {}
+        targets, allocation_report = module_targets(block_linears, config, **statistics)
+        if allocation_report is not None:
+            report["allocation"] = allocation_report
+        del statistics
         progress = tqdm(list(enumerate(blocks)), desc=f"Compressing ({config.method})")
         for index, block in progress:
             start = time.perf_counter()
@@ -511,8 +594,11 @@ def build_skeleton(model: nn.Module, config: SLRConfig, dtype: torch.dtype | Non
         _set_module(model, name, layer)
 
 
-def dequantize(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
-    """Replace every SLRLinear by a dense ``nn.Linear`` with weight S + U V."""
+def dequantize(model: nn.Module, dtype: torch.dtype | str | None = None) -> nn.Module:
+    """Replace every SLRLinear by a dense ``nn.Linear`` with weight S + U V (in ``dtype``, default
+    the layer's; transformers passes ``config.dtype``, which is a string after a save/reload)."""
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype.removeprefix("torch."))
     layers = [(name, module) for name, module in model.named_modules() if isinstance(module, SLRLinear)]
     for name, layer in layers:
         with torch.no_grad():

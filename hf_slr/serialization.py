@@ -12,6 +12,7 @@ from pathlib import Path
 from .config import SLRConfig
 
 REPORT_FILE = "slr_report.json"
+ALLOCATION_PLOT = "allocation.png"
 
 
 def _slr_config(model) -> SLRConfig:
@@ -71,7 +72,8 @@ mismatch on the `*.weight` format markers) rather than loading random weights.
 
 
 def save_pretrained(model, save_directory: str | os.PathLike, tokenizer=None, **kwargs) -> Path:
-    """Write a compressed model atomically: config, safetensors, tokenizer, README.md, report.
+    """Write a compressed model atomically: config, safetensors, tokenizer, README.md, report, and
+    ``allocation.png`` when the report has an allocation (owl / learned).
 
     Everything is written to a temporary folder beside ``save_directory`` and renamed into place
     at the end, so a failure never leaves a half-written checkpoint. ``kwargs`` go to
@@ -89,6 +91,10 @@ def save_pretrained(model, save_directory: str | os.PathLike, tokenizer=None, **
         report = getattr(model, "slr_report", None)
         if report:
             (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2))
+        if report and report.get("allocation"):
+            from .allocation.plot import plot_allocation
+
+            plot_allocation(report["allocation"], tmp / ALLOCATION_PLOT)
         if target.exists():
             backup = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-"))
             os.replace(target, backup / "old")

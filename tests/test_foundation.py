@@ -146,6 +146,15 @@ def test_dequantize_matches_s_plus_uv(tiny_dense_dir):
         assert torch.equal(dense.get_submodule(name).weight, weight), name
 
 
+def test_dequantize_after_save_and_reload(tiny_dense_dir, tmp_path):
+    folder = hf_slr.save_pretrained(_compress(tiny_dense_dir("llama"), 0.5), tmp_path / "slr")
+    reloaded = AutoModelForCausalLM.from_pretrained(folder)
+    expected = {name: m.to_dense().detach().clone() for name, m in reloaded.named_modules() if isinstance(m, SLRLinear)}
+    dense = reloaded.dequantize()
+    for name, weight in expected.items():
+        assert torch.equal(dense.get_submodule(name).weight, weight), name
+
+
 def test_checkpoint_layout_and_model_card(tiny_dense_dir, tmp_path):
     model = _compress(tiny_dense_dir("llama"), "2:4", rank=4)
     folder = hf_slr.save_pretrained(model, tmp_path / "slr")

@@ -154,6 +154,21 @@ def test_compress_a_loaded_model_then_save_and_reload(tokenizer, tmp_path):
         assert torch.equal(model(ids).logits, reloaded(ids).logits)
 
 
+def test_a_datasets_dataset_calibrates_like_the_same_list_of_texts(tokenizer, tmp_path):
+    import datasets
+
+    from_list, from_dataset = tiny_model("llama"), tiny_model("llama")
+    hf_slr.compress(from_list, _config("wanda"), tokenizer)
+    config = _config("wanda", dataset=datasets.Dataset.from_dict({"text": TEXTS}))
+    assert config.dataset.startswith("datasets.Dataset@") and SLRConfig.from_dict(config.to_dict()) == config
+    hf_slr.compress(from_dataset, config, tokenizer)
+    layers = _slr_layers(from_dataset)
+    for name, layer in _slr_layers(from_list).items():
+        assert torch.equal(layer.sparse_weight(), layers[name].sparse_weight())
+    hf_slr.save_pretrained(from_dataset, tmp_path / "compressed")  # the description, not the data, is saved
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "compressed").config.quantization_config.dataset == config.dataset
+
+
 def test_data_free_method_needs_no_data_and_no_tokenizer():
     model = tiny_model("llama")
     dense = copy.deepcopy(model)
