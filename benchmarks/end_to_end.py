@@ -24,6 +24,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import hf_slr
 from hf_slr.eval import perplexity
+from hf_slr.serialization import kept_fraction
 from hf_slr.testing import demo_model_path
 
 # (name, SLRConfig keyword arguments or None for the dense model)
@@ -43,17 +44,16 @@ SUITES = {
         ("sslc-2:4+r16", {"method": "sslc", "sparsity": "2:4", "rank": 16}),
     ],
     "methods": [
-        ("threebasil-2:4+r16", {"method": "threebasil", "sparsity": "2:4", "rank": 16}),
-        ("hassle_free-2:4+r16", {"method": "hassle_free", "sparsity": "2:4", "rank": 16}),
         ("threebasil-50%+r16", {"method": "threebasil", "sparsity": 0.5, "rank": 16}),
+        ("threebasil-2:4+r16", {"method": "threebasil", "sparsity": "2:4", "rank": 16}),
         ("hassle_free-50%+r16", {"method": "hassle_free", "sparsity": 0.5, "rank": 16}),
+        ("hassle_free-2:4+r16", {"method": "hassle_free", "sparsity": "2:4", "rank": 16}),
         ("oats-50%+r16", {"method": "oats", "sparsity": 0.5, "rank": 16}),
         ("wanda-50%+tm", {"method": "wanda", "sparsity": 0.5, "rank": 0, "transformer_matching": True}),
-        ("threebasil-2:4+r16+tm", {"method": "threebasil", "sparsity": "2:4", "rank": 16, "transformer_matching": True}),
         ("threebasil-50%+r16+tm", {"method": "threebasil", "sparsity": 0.5, "rank": 16, "transformer_matching": True}),
+        ("threebasil-2:4+r16+tm", {"method": "threebasil", "sparsity": "2:4", "rank": 16, "transformer_matching": True}),
         ("threebasil-cr0.5", {"method": "threebasil", **FIXED_RATIO}),
         ("hassle_free-cr0.5", {"method": "hassle_free", **FIXED_RATIO}),
-        ("wanda-2:4+tm", {"method": "wanda", "sparsity": "2:4", "rank": 0, "transformer_matching": True}),
     ],
     "allocation": [
         (f"qr_rpca-cr{ratio}-{allocation}", {"method": "qr_rpca", "compression_ratio": ratio, "rank_ratio": 0.25, "allocation": allocation})
@@ -61,13 +61,6 @@ SUITES = {
         for allocation in ("uniform", "owl", "learned")
     ],
 }
-
-
-def kept_fraction(model) -> float:
-    """(nnz(S) + rank (out + in)) / (out x in), summed over the compressed projections."""
-    layers = [module for module in model.modules() if isinstance(module, hf_slr.SLRLinear)]
-    kept = sum(layer.nnz + layer.rank * (layer.out_features + layer.in_features) for layer in layers)
-    return kept / sum(layer.out_features * layer.in_features for layer in layers)
 
 
 def _claim(path: Path) -> bool:

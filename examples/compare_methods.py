@@ -20,13 +20,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import hf_slr
 from hf_slr.eval import perplexity
+from hf_slr.serialization import kept_fraction
 from hf_slr.testing import demo_model_path
-
-
-def kept_fraction(model) -> float:
-    layers = [module for module in model.modules() if isinstance(module, hf_slr.SLRLinear)]
-    kept = sum(layer.nnz + layer.rank * (layer.in_features + layer.out_features) for layer in layers)
-    return kept / sum(layer.in_features * layer.out_features for layer in layers)
 
 
 def main():

@@ -84,6 +84,18 @@ def load_documents(dataset: Any) -> list[str]:
     return documents
 
 
+def check_source(dataset: Any) -> None:
+    """Fail early, naming ``dataset``, on a source that cannot load: a wrong type or a missing local
+    file (Hub names are only checked when loaded)."""
+    if isinstance(dataset, (str, Path)):
+        name = str(dataset)
+        path = data_file(C4_TRAIN_FILE) if name == "c4" else Path(name)
+        if (name == "c4" or path.suffix in LOCAL_SUFFIXES) and not path.is_file():
+            raise FileNotFoundError(f"`dataset`={name!r}: no such calibration file ({path})")
+    elif not isinstance(dataset, (list, tuple)):
+        load_documents(dataset)  # a datasets.Dataset (cheap to read) or a type error
+
+
 def calibration_ids(
     dataset: Any, tokenizer, n_samples: int = 128, seq_len: int = 2048, seed: int = 0
 ) -> torch.LongTensor:

@@ -77,7 +77,7 @@ def evaluate(args) -> dict:
 
 def info(args) -> dict:
     from .modules import SLRLinear
-    from .serialization import checkpoint_bytes, information_bound_bytes
+    from .serialization import checkpoint_bytes, information_bound_bytes, kept_fraction
 
     model = _load(args.model, "float32")
     config = getattr(model.config, "quantization_config", None)
@@ -94,6 +94,7 @@ def info(args) -> dict:
             method=config.method,
             base_model=config.base_model,
             sparsity=config.sparsity,
+            projection_parameters_kept=round(kept_fraction(model), 6),
             modules={
                 name: {"rank": m.rank, "nnz": m.nnz, "sparsity": round(1 - m.nnz / (m.in_features * m.out_features), 4)}
                 for name, m in layers.items()

@@ -28,7 +28,7 @@ from transformers import PreTrainedModel
 from . import algorithms
 from .algorithms.base import relative_objective
 from .allocation import module_targets, uniform_targets
-from .calibration import HessianAccumulator, calibration_ids
+from .calibration import HessianAccumulator, calibration_ids, check_source
 from .config import SLRConfig
 from .modules import FORMAT_VERSION, MARKER_KEY, SLRLinear
 
@@ -103,6 +103,18 @@ def _validate(model: nn.Module, config: SLRConfig, linears: dict[str, nn.Linear]
     max_positions = getattr(model.config.get_text_config(), "max_position_embeddings", None)
     if calibrated and max_positions is not None and config.seq_len > max_positions:
         raise ValueError(f"`seq_len`={config.seq_len} exceeds the model's max_position_embeddings={max_positions}")
+
+
+def check_inputs(model: nn.Module, config: SLRConfig, tokenizer=None) -> None:
+    """Every check of :func:`compress` that needs only the module shapes: run by the quantizer
+    before the weights load, so that bad input fails before any long work."""
+    linears = {name: module for group in _block_linears(model, config) for name, module in group.items()}
+    algorithm = algorithms.get(config.method)
+    calibrated = algorithm.needs_hessian or config.transformer_matching or config.allocation != "uniform"
+    _validate(model, config, linears, uniform_targets(linears, config), calibrated)
+    if calibrated:
+        check_source(config.calibration_data)
+        _calibration_tokenizer(model, config, tokenizer)
 
 
 def _calibration_tokenizer(model: nn.Module, config: SLRConfig, tokenizer):
@@ -511,11 +523,9 @@ def compress(model: nn.Module, config: SLRConfig, tokenizer=None) -> nn.Module:
     algorithm = algorithms.get(config.method)
     prefix, blocks = decoder_blocks(model)
     block_linears = _block_linears(model, config)
-    all_linears = {name: module for group in block_linears for name, module in group.items()}
     allocated = config.allocation != "uniform"
     calibrated = algorithm.needs_hessian or config.transformer_matching
-    _validate(model, config, all_linears, uniform_targets(all_linears, config), calibrated or allocated)
-    del all_linears
+    check_inputs(model, config)
 
     was_training = model.training
     model.eval()

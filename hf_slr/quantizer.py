@@ -36,6 +36,8 @@ class SLRHfQuantizer(HfQuantizer):
             # The per-module marker that makes plain transformers refuse the checkpoint (see modules.py).
             markers = {re.escape(f"{name}.{MARKER_KEY}") + "$" for name in self.quantization_config.compressed_modules}
             model._keys_to_ignore_on_load_unexpected = set(model._keys_to_ignore_on_load_unexpected or ()) | markers
+        else:
+            pipeline.check_inputs(model, self.quantization_config, self.quantization_config.tokenizer_object)
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):

@@ -173,3 +173,15 @@ def information_bound_bytes(model) -> int:
 def checkpoint_bytes(folder: str | os.PathLike) -> int:
     """Total size of the safetensors files of a saved model."""
     return sum(path.stat().st_size for path in Path(folder).glob("*.safetensors"))
+
+
+def kept_fraction(model) -> float:
+    """(nnz(S) + rank (out + in)) / (out x in), summed over the compressed projections: the share
+    of their parameters the model keeps, S values and U, V counted together."""
+    from .modules import SLRLinear
+
+    layers = [module for module in model.modules() if isinstance(module, SLRLinear)]
+    if not layers:
+        raise ValueError("The model has no SLRLinear layer")
+    kept = sum(layer.nnz + layer.rank * (layer.out_features + layer.in_features) for layer in layers)
+    return kept / sum(layer.out_features * layer.in_features for layer in layers)

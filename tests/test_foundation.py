@@ -184,6 +184,21 @@ def test_checkpoint_is_near_information_bound(tiny_dense_dir, tmp_path):
         assert disk <= 1.10 * information_bound_bytes(model)
 
 
+def test_kept_fraction_and_info_count_s_and_factors(tiny_dense_dir, tmp_path):
+    from hf_slr.cli import main
+    from hf_slr.serialization import kept_fraction
+
+    model = _compress(tiny_dense_dir("llama"), 0.5, rank=4)
+    shapes = [(m.out_features, m.in_features) for m in model.modules() if isinstance(m, SLRLinear)]
+    expected = sum(o * i - math.floor(0.5 * o * i) + 4 * (o + i) for o, i in shapes) / sum(o * i for o, i in shapes)
+    assert kept_fraction(model) == pytest.approx(expected, rel=1e-12)
+    folder = hf_slr.save_pretrained(model, tmp_path / "slr")
+    main(["info", str(folder), "--json", str(tmp_path / "info.json")])
+    info = json.loads((tmp_path / "info.json").read_text())
+    assert info["projection_parameters_kept"] == pytest.approx(expected, abs=1e-6)
+    assert info["bytes_on_disk"] == checkpoint_bytes(folder)
+
+
 def test_failed_save_leaves_nothing(tiny_dense_dir, tmp_path, monkeypatch):
     model = _compress(tiny_dense_dir("llama"), 0.5)
     monkeypatch.setattr(type(model), "save_pretrained", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))

@@ -255,3 +255,20 @@ def test_bad_inputs_fail_before_any_work_and_name_the_field(overrides, error, ma
     with pytest.raises(error, match=match):
         hf_slr.compress(model, config)
     assert not _slr_layers(model) and config.compressed_modules is None
+
+
+@pytest.mark.parametrize(
+    "overrides, error, match",
+    [
+        (dict(sparsity="1:3"), ValueError, "`sparsity`='1:3' needs in_features divisible by 3"),
+        (dict(dataset="missing/calibration.jsonl"), FileNotFoundError, "`dataset`"),
+        (dict(seq_len=65), ValueError, "`seq_len`=65 exceeds"),
+    ],
+)
+def test_from_pretrained_fails_before_the_weights_load(overrides, error, match, tokenizer, tmp_path, monkeypatch):
+    from transformers.modeling_utils import PreTrainedModel
+
+    tiny_model("llama").save_pretrained(tmp_path / "dense")
+    monkeypatch.setattr(PreTrainedModel, "_load_pretrained_model", lambda *a, **k: pytest.fail("weights loaded"))
+    with pytest.raises(error, match=match):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "dense", quantization_config=_config("wanda", tokenizer=tokenizer, **overrides))
