@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 import hf_slr
 from hf_slr.peft import SLRLoraLinear, get_slr_peft_model, load_slr_peft_model
+from hf_slr.testing import tiny_config
 
 RANK = 4
 SPARSITIES = [0.5, "2:4"]
@@ -16,14 +17,7 @@ SPARSITIES = [0.5, "2:4"]
 @pytest.fixture(scope="module")
 def dense_dir(tmp_path_factory):
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
+    config = tiny_config(vocab_size=64, hidden_size=32, intermediate_size=64, max_position_embeddings=2048)
     path = tmp_path_factory.mktemp("dense")
     LlamaForCausalLM(config).save_pretrained(path)
     return path

@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+
+from hf_slr.testing import tiny_config
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -32,13 +34,10 @@ def tokenizer():
 @pytest.fixture(scope="session")
 def tiny_model(tokenizer):
     torch.manual_seed(0)
-    config = LlamaConfig(
+    config = tiny_config(
         vocab_size=len(tokenizer),
         hidden_size=32,
         intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         max_position_embeddings=2048,
         eos_token_id=tokenizer.eos_token_id,
     )
