@@ -94,6 +94,8 @@ def test_reduced_rank_regression_matches_cholesky_whitening(rank):
     reference = torch.linalg.solve_triangular(chol, ref_u @ ref_v, upper=False, left=False)
     u, v = reduced_rank_regression(residual, hessian, rank)
     assert u.shape == (6, rank) and v.shape == (rank, 9)
+    reused = reduced_rank_regression(residual, hessian, rank, roots=hessian_sqrt(hessian))
+    assert torch.equal(reused[0] @ reused[1], u @ v)
     assert torch.linalg.matrix_rank(u @ v) <= rank
     best = _weighted_error(residual, reference, hessian)
     assert _weighted_error(residual, u @ v, hessian) == pytest.approx(best, rel=1e-8, abs=1e-10)
