@@ -23,6 +23,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import hf_slr
+from hf_slr.allocation.plot import plot_allocation
 from hf_slr.eval import perplexity
 from hf_slr.serialization import kept_fraction
 from hf_slr.testing import demo_model_path
@@ -98,6 +99,10 @@ def run_one(name: str, kwargs: dict | None, args, tokenizer) -> dict:
         objectives = [entry["relative_objective"] for entry in model.slr_report["modules"]]
         result["mean_layer_objective"] = sum(objectives) / len(objectives)
         result["calibration"] = f"{args.n_samples} x {args.calib_seq_len}"
+        allocation = model.slr_report.get("allocation")
+        if allocation is not None:  # the plot hf_slr.save_pretrained writes next to a checkpoint
+            plot_allocation(allocation, Path(args.out) / f"{name}.png")
+            result["allocation"] = {key: allocation[key] for key in ("layer_sparsity", "loss_curve", "seconds")}
     if kwargs is not None and args.eval_dequantized:
         model.dequantize()  # the same W = S + U V as dense Linears: faster on CPU than rebuilding S per call
     model.eval()
