@@ -3,6 +3,7 @@
     python benchmarks/end_to_end.py --suite pipeline            # issue 3 table (pruning vs S+LR at 50%)
     python benchmarks/end_to_end.py --suite methods             # issue 4 table (HASSLE-free, 3BASiL, TM)
     python benchmarks/end_to_end.py --suite allocation          # issue 6 table (uniform / OWL / learned)
+    python benchmarks/end_to_end.py --suite all                 # all of them, in PRIORITY order
     python benchmarks/end_to_end.py --suite pipeline --table    # print the markdown table of finished runs
 
 Every run writes ``OUT/<name>.json``; finished runs are skipped, so an interrupted suite resumes.
@@ -62,6 +63,16 @@ SUITES = {
         for allocation in ("uniform", "owl", "learned")
     ],
 }
+# Everything above, most informative first: the order the tables of docs/results.md were run in
+# (two processes on 2 cores; what did not fit in the session is marked there).
+PRIORITY = [
+    "threebasil-50%+r16", "qr_rpca-cr0.5-uniform", "qr_rpca-cr0.5-owl", "qr_rpca-cr0.5-learned",
+    "threebasil-50%+r16+tm", "hassle_free-50%+r16", "wanda-50%+tm", "threebasil-2:4+r16",
+    "qr_rpca-cr0.4-uniform", "qr_rpca-cr0.4-owl", "hassle_free-2:4+r16", "oats-50%+r16",
+    "threebasil-2:4+r16+tm", "qr_rpca-cr0.4-learned", "threebasil-cr0.5", "hassle_free-cr0.5",
+]
+_SPECS = dict(spec for specs in SUITES.values() for spec in specs)
+SUITES["all"] = SUITES["pipeline"] + [(name, _SPECS[name]) for name in PRIORITY]
 
 
 def _claim(path: Path) -> bool:
