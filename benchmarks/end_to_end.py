@@ -128,13 +128,14 @@ def run_one(name: str, kwargs: dict | None, args, tokenizer) -> dict:
 
 def table(rows: list[dict]) -> str:
     lines = [
-        "| run | params kept (projections) | WikiText-2 ppl | C4 ppl | compression s (incl. calibration) |",
-        "|---|---|---|---|---|",
+        "| run | params kept (projections) | mean layer objective | WikiText-2 ppl | C4 ppl | compression s (incl. calibration) |",
+        "|---|---|---|---|---|---|",
     ]
     for row in rows:
         seconds = row.get("compression_seconds", "-")
+        objective = f"{row['mean_layer_objective']:.4f}" if "mean_layer_objective" in row else "-"
         lines.append(
-            f"| {row['name']} | {100 * row['kept_fraction']:.1f}% | {row['wikitext2_ppl']:.2f} | "
+            f"| {row['name']} | {100 * row['kept_fraction']:.1f}% | {objective} | {row['wikitext2_ppl']:.2f} | "
             f"{row['c4_ppl']:.2f} | {seconds} |"
         )
     return "\n".join(lines)
