@@ -117,7 +117,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--blocks", type=int, nargs="+", default=[0, 15], help="decoder blocks (7 = a middle one)")
     parser.add_argument("--layers", nargs="+", default=DEFAULT_LAYERS)
     parser.add_argument("--iterations", type=int, default=None,
-                        help="outer iterations of the alternating methods (default: each method's own, 80)")
+                        help="outer iterations of the alternating methods and the cap on 3BASiL's ADMM "
+                             "iterations (default: each method's own: 80; 3BASiL until its stop rule)")
     parser.add_argument("--samples", type=int, default=32)
     parser.add_argument("--length", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0)
@@ -143,8 +144,12 @@ def main(argv: list[str] | None = None) -> dict:
         for label in args.methods:
             method, kwargs = RUNS[label]
             kwargs = dict(kwargs)
-            if args.iterations is not None and label != "eora" and "iterations" in algorithms.hyperparameters(method):
+            hyperparameters = algorithms.hyperparameters(method)
+            if args.iterations is not None and label != "eora" and "iterations" in hyperparameters:
                 kwargs["iterations"] = args.iterations
+            if args.iterations is not None and "max_iterations" in hyperparameters:  # ADMM: at most as many
+                kwargs["max_iterations"] = args.iterations
+                kwargs["min_iterations"] = min(args.iterations, hyperparameters["min_iterations"])
             rows = run(data, method, kwargs, target)
             results[f"{config} r{args.rank} {label}"] = rows
             geomean = math.exp(sum(math.log(max(r["objective"], 1e-30)) for r in rows) / len(rows))
