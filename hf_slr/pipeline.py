@@ -525,7 +525,7 @@ def compress(model: nn.Module, config: SLRConfig, tokenizer=None) -> nn.Module:
     block_linears = _block_linears(model, config)
     allocated = config.allocation != "uniform"
     calibrated = algorithm.needs_hessian or config.transformer_matching
-    check_inputs(model, config)
+    check_inputs(model, config, tokenizer)
 
     was_training = model.training
     model.eval()
