@@ -105,16 +105,18 @@ def _validate(model: nn.Module, config: SLRConfig, linears: dict[str, nn.Linear]
         raise ValueError(f"`seq_len`={config.seq_len} exceeds the model's max_position_embeddings={max_positions}")
 
 
-def check_inputs(model: nn.Module, config: SLRConfig, tokenizer=None) -> None:
+def check_inputs(model: nn.Module, config: SLRConfig, tokenizer=None):
     """Every check of :func:`compress` that needs only the module shapes: run by the quantizer
-    before the weights load, so that bad input fails before any long work."""
+    before the weights load, so that bad input fails before any long work. Returns the calibration
+    tokenizer (loaded once here), or None when the run uses no data."""
     linears = {name: module for group in _block_linears(model, config) for name, module in group.items()}
     algorithm = algorithms.get(config.method)
     calibrated = algorithm.needs_hessian or config.transformer_matching or config.allocation != "uniform"
     _validate(model, config, linears, uniform_targets(linears, config), calibrated)
-    if calibrated:
-        check_source(config.calibration_data)
-        _calibration_tokenizer(model, config, tokenizer)
+    if not calibrated:
+        return None
+    check_source(config.calibration_data)
+    return _calibration_tokenizer(model, config, tokenizer)
 
 
 def _calibration_tokenizer(model: nn.Module, config: SLRConfig, tokenizer):
@@ -525,14 +527,13 @@ def compress(model: nn.Module, config: SLRConfig, tokenizer=None) -> nn.Module:
     block_linears = _block_linears(model, config)
     allocated = config.allocation != "uniform"
     calibrated = algorithm.needs_hessian or config.transformer_matching
-    check_inputs(model, config, tokenizer)
+    tokenizer = check_inputs(model, config, tokenizer)
 
     was_training = model.training
     model.eval()
     layouts, report = {}, {"modules": [], "blocks": []}
     try:
         if calibrated or allocated:
-            tokenizer = _calibration_tokenizer(model, config, tokenizer)
             input_ids = calibration_ids(config.calibration_data, tokenizer, config.n_samples, config.seq_len, config.seed)
             inputs, calls = capture_block_inputs(model, input_ids)
         statistics = _allocation_statistics(model, config, blocks, block_linears, input_ids, inputs, calls) if allocated else {}

@@ -37,13 +37,13 @@ class SLRHfQuantizer(HfQuantizer):
             markers = {re.escape(f"{name}.{MARKER_KEY}") + "$" for name in self.quantization_config.compressed_modules}
             model._keys_to_ignore_on_load_unexpected = set(model._keys_to_ignore_on_load_unexpected or ()) | markers
         else:
-            pipeline.check_inputs(model, self.quantization_config, self.quantization_config.tokenizer_object)
+            # Resolved once here (a name is loaded) and reused by the compression after loading.
+            self.calibration_tokenizer = pipeline.check_inputs(model, self.quantization_config, self.quantization_config.tokenizer_object)
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         if not self.pre_quantized:
-            config = self.quantization_config
-            pipeline.compress(model, config, tokenizer=config.tokenizer_object)
+            pipeline.compress(model, self.quantization_config, tokenizer=self.calibration_tokenizer)
         return model
 
     def get_state_dict_and_metadata(self, model):

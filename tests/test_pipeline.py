@@ -144,6 +144,19 @@ def test_compress_on_load_then_save_and_reload_gives_identical_logits(arch, meth
         assert torch.equal(model(ids).logits, reloaded(ids).logits)
 
 
+def test_from_pretrained_loads_the_model_s_own_tokenizer_once(tokenizer, tmp_path, monkeypatch):
+    from transformers import AutoTokenizer
+
+    tiny_model("llama").save_pretrained(tmp_path / "dense")
+    tokenizer.save_pretrained(tmp_path / "dense")
+    loads = []
+    load = AutoTokenizer.from_pretrained.__func__
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", classmethod(lambda cls, *a, **k: loads.append(a) or load(cls, *a, **k)))
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "dense", quantization_config=_config("wanda"))
+    assert len(_slr_layers(model)) > 0
+    assert loads == [(str(tmp_path / "dense"),)]
+
+
 def test_compress_a_loaded_model_then_save_and_reload(tokenizer, tmp_path):
     model = tiny_model("llama")
     hf_slr.compress(model, _config("oats"), tokenizer)
