@@ -76,12 +76,12 @@ def evaluate(args) -> dict:
 
 
 def info(args) -> dict:
-    from .modules import SLRLinear
+    from .pipeline import compressed_layers
     from .serialization import checkpoint_bytes, information_bound_bytes, kept_fraction
 
     model = _load(args.model, "float32")
     config = getattr(model.config, "quantization_config", None)
-    layers = {name: m for name, m in model.named_modules() if isinstance(m, SLRLinear)}
+    layers = compressed_layers(model)
     result = {
         "model": args.model,
         "compressed": bool(layers),

@@ -24,6 +24,7 @@ from peft.tuners.tuners_utils import check_adapters_to_merge
 from torch import nn
 
 from .modules import SLRLinear
+from .pipeline import compressed_layers
 
 MODES = ("factors", "extra")
 SLR_FACTORS = "slr_factors"
@@ -164,7 +165,7 @@ def _register(config: LoraConfig) -> LoraConfig:
 
 
 def _slr_layers(model: nn.Module) -> dict[str, SLRLinear]:
-    layers = {name: module for name, module in model.named_modules() if isinstance(module, SLRLinear)}
+    layers = compressed_layers(model)
     if not layers:
         raise ValueError(
             f"{type(model).__name__} has no SLRLinear layers: compress it first, e.g. "

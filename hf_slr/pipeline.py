@@ -72,6 +72,11 @@ def target_linears(model: nn.Module, config: SLRConfig) -> dict[str, nn.Linear]:
     return {name: module for group in _block_linears(model, config) for name, module in group.items()}
 
 
+def compressed_layers(model: nn.Module) -> dict[str, SLRLinear]:
+    """The model's SLRLinear layers by qualified name."""
+    return {name: module for name, module in model.named_modules() if isinstance(module, SLRLinear)}
+
+
 def _set_module(model: nn.Module, name: str, module: nn.Module):
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
@@ -610,8 +615,7 @@ def dequantize(model: nn.Module, dtype: torch.dtype | str | None = None) -> nn.M
     the layer's; transformers passes ``config.dtype``, which is a string after a save/reload)."""
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype.removeprefix("torch."))
-    layers = [(name, module) for name, module in model.named_modules() if isinstance(module, SLRLinear)]
-    for name, layer in layers:
+    for name, layer in compressed_layers(model).items():
         with torch.no_grad():
             weight = layer.to_dense()
             dense = nn.Linear(
@@ -631,7 +635,6 @@ def dequantize(model: nn.Module, dtype: torch.dtype | str | None = None) -> nn.M
 def state_dict_with_markers(model: nn.Module) -> dict[str, torch.Tensor]:
     """``model.state_dict()`` plus the format marker of every SLRLinear (see modules.MARKER_KEY)."""
     state_dict = model.state_dict()
-    for name, module in model.named_modules():
-        if isinstance(module, SLRLinear):
-            state_dict[f"{name}.{MARKER_KEY}"] = torch.tensor([FORMAT_VERSION], dtype=torch.uint8)
+    for name in compressed_layers(model):
+        state_dict[f"{name}.{MARKER_KEY}"] = torch.tensor([FORMAT_VERSION], dtype=torch.uint8)
     return state_dict

@@ -146,24 +146,23 @@ def information_bound_bytes(model) -> int:
     """Bytes a lossless encoding of the compressed model needs at the least, by this accounting:
     untouched tensors + nnz x value bytes + 1 mask bit per element (unstructured) or
     ceil(log2 M) index bits per kept value (N:M) + U, V (+ bias) bytes. Tied tensors count once."""
-    from .modules import SLRLinear, index_bits
+    from .modules import index_bits
+    from .pipeline import compressed_layers
 
     seen, bits = set(), 0
-    slr_prefixes = set()
-    for name, module in model.named_modules():
-        if isinstance(module, SLRLinear):
-            slr_prefixes.add(name)
-            value_bits = module.sparse_values.element_size() * 8
-            bits += module.nnz * value_bits + module.U.numel() * module.U.element_size() * 8
-            bits += module.V.numel() * module.V.element_size() * 8
-            if module.bias is not None:
-                bits += module.bias.numel() * module.bias.element_size() * 8
-            if module.nm_pattern is None:
-                bits += module.in_features * module.out_features
-            else:
-                bits += module.nnz * index_bits(module.nm_pattern[1])
+    layers = compressed_layers(model)
+    for module in layers.values():
+        value_bits = module.sparse_values.element_size() * 8
+        bits += module.nnz * value_bits + module.U.numel() * module.U.element_size() * 8
+        bits += module.V.numel() * module.V.element_size() * 8
+        if module.bias is not None:
+            bits += module.bias.numel() * module.bias.element_size() * 8
+        if module.nm_pattern is None:
+            bits += module.in_features * module.out_features
+        else:
+            bits += module.nnz * index_bits(module.nm_pattern[1])
     for name, tensor in model.state_dict().items():
-        if name.rpartition(".")[0] in slr_prefixes or tensor.data_ptr() in seen:
+        if name.rpartition(".")[0] in layers or tensor.data_ptr() in seen:
             continue
         seen.add(tensor.data_ptr())
         bits += tensor.numel() * tensor.element_size() * 8
@@ -178,9 +177,9 @@ def checkpoint_bytes(folder: str | os.PathLike) -> int:
 def kept_fraction(model) -> float:
     """(nnz(S) + rank (out + in)) / (out x in), summed over the compressed projections: the share
     of their parameters the model keeps, S values and U, V counted together."""
-    from .modules import SLRLinear
+    from .pipeline import compressed_layers
 
-    layers = [module for module in model.modules() if isinstance(module, SLRLinear)]
+    layers = compressed_layers(model).values()
     if not layers:
         raise ValueError("The model has no SLRLinear layer")
     kept = sum(layer.nnz + layer.rank * (layer.out_features + layer.in_features) for layer in layers)
