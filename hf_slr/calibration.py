@@ -33,9 +33,18 @@ def _texts(rows: Any, source: str) -> list[str]:
     return [row[TEXT_FIELD] for row in rows]
 
 
-def _read_local(path: Path) -> list[str]:
+def _local_file(name: str) -> Path | None:
+    """The file a local source names ("c4" or a path ending in :data:`LOCAL_SUFFIXES`), which must
+    exist; None for a Hub id."""
+    path = data_file(C4_TRAIN_FILE) if name == "c4" else Path(name)
+    if name != "c4" and path.suffix not in LOCAL_SUFFIXES:
+        return None
     if not path.is_file():
-        raise FileNotFoundError(f"`dataset`={str(path)!r}: no such calibration file")
+        raise FileNotFoundError(f"`dataset`={name!r}: no such calibration file ({path})")
+    return path
+
+
+def _read_local(path: Path) -> list[str]:
     text = path.read_text(encoding="utf-8")
     if path.suffix == ".txt":
         return [text]
@@ -59,10 +68,9 @@ def load_documents(dataset: Any) -> list[str]:
         documents = list(dataset)
     elif isinstance(dataset, (str, Path)):
         name = str(dataset)
-        if name == "c4":
-            documents = _read_local(data_file(C4_TRAIN_FILE))
-        elif Path(name).suffix in LOCAL_SUFFIXES:
-            documents = _read_local(Path(name))
+        path = _local_file(name)
+        if path is not None:
+            documents = _read_local(path)
         else:
             import datasets
 
@@ -88,10 +96,7 @@ def check_source(dataset: Any) -> None:
     """Fail early, naming ``dataset``, on a source that cannot load: a wrong type or a missing local
     file (Hub names are only checked when loaded)."""
     if isinstance(dataset, (str, Path)):
-        name = str(dataset)
-        path = data_file(C4_TRAIN_FILE) if name == "c4" else Path(name)
-        if (name == "c4" or path.suffix in LOCAL_SUFFIXES) and not path.is_file():
-            raise FileNotFoundError(f"`dataset`={name!r}: no such calibration file ({path})")
+        _local_file(str(dataset))
     elif not isinstance(dataset, (list, tuple)):
         load_documents(dataset)  # a datasets.Dataset (cheap to read) or a type error
 
