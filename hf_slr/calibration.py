@@ -3,7 +3,8 @@
 :func:`calibration_ids` draws the token segments of the SparseGPT/Wanda protocol (004 §5.1: 128
 segments of 2048 tokens from the first C4 training shard); :class:`HessianAccumulator` streams
 H = X^T X over the inputs of Linear layers while the pipeline runs a block forward (the Hessian of
-the layer-wise objective, 002 eq. 1, 004 §3).
+the layer-wise objective, 002 eq. 1, 004 §3) and :class:`InputNorms` the per-channel input norms
+||X_j|| (OWL's outlier statistics).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from torch import nn
 
 from .utils import data_file
 
-__all__ = ["C4_TRAIN_FILE", "LOCAL_SUFFIXES", "HessianAccumulator", "calibration_ids", "load_documents"]
+__all__ = ["C4_TRAIN_FILE", "LOCAL_SUFFIXES", "HessianAccumulator", "InputNorms", "calibration_ids", "load_documents"]
 
 C4_TRAIN_FILE = "c4/c4-train.00000-of-01024.first1000.jsonl"
 """The offline C4 sample that ``dataset="c4"`` reads (under :func:`hf_slr.utils.data_dir`)."""
@@ -139,7 +140,31 @@ def calibration_ids(
     return torch.tensor(rows, dtype=torch.long)
 
 
-class HessianAccumulator:
+class _InputHooks:
+    """A context manager that, while open, passes the input of every call of each named Linear to
+    ``_accumulate(name, x)`` (forward pre-hooks, removed on exit)."""
+
+    def __init__(self, modules: dict[str, nn.Linear]):
+        self.modules = modules
+        self._handles = []
+
+    def _accumulate(self, name: str, x: torch.Tensor):
+        raise NotImplementedError
+
+    def __enter__(self):
+        def hook(name):
+            return lambda module, args: self._accumulate(name, args[0].detach())
+
+        self._handles = [module.register_forward_pre_hook(hook(name)) for name, module in self.modules.items()]
+        return self
+
+    def __exit__(self, *exc_info):
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
+class HessianAccumulator(_InputHooks):
     """Streams H = X^T X (float32, [in, in]) of the inputs X of Linear layers, and counts tokens.
 
     A context manager: while open, a forward pre-hook on every layer adds x^T x of each call's
@@ -152,32 +177,37 @@ class HessianAccumulator:
     """
 
     def __init__(self, modules: dict[str, nn.Linear]):
-        self.modules = modules
+        super().__init__(modules)
         self.hessians = {
             name: torch.zeros(module.in_features, module.in_features, device=module.weight.device)
             for name, module in modules.items()
         }
         self.tokens = dict.fromkeys(modules, 0)
-        self._handles = []
         self._last_input = self._last_version = self._last_product = None
 
-    def _hook(self, name: str):
-        def accumulate(module, args):
-            x = args[0]
-            if x is not self._last_input or x._version != self._last_version:  # new, or changed in place
-                flat = x.detach().reshape(-1, x.shape[-1]).float()
-                self._last_input, self._last_version, self._last_product = x, x._version, flat.T @ flat
-            self.hessians[name] += self._last_product
-            self.tokens[name] += x.numel() // x.shape[-1]
-
-        return accumulate
-
-    def __enter__(self) -> "HessianAccumulator":
-        self._handles = [module.register_forward_pre_hook(self._hook(name)) for name, module in self.modules.items()]
-        return self
+    def _accumulate(self, name: str, x: torch.Tensor):
+        if x is not self._last_input or x._version != self._last_version:  # new, or changed in place
+            flat = x.reshape(-1, x.shape[-1]).float()
+            self._last_input, self._last_version, self._last_product = x, x._version, flat.T @ flat
+        self.hessians[name] += self._last_product
+        self.tokens[name] += x.numel() // x.shape[-1]
 
     def __exit__(self, *exc_info):
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
+        super().__exit__(*exc_info)
         self._last_input = self._last_version = self._last_product = None
+
+
+class InputNorms(_InputHooks):
+    """Streams sum_t x_tj^2 of the inputs of Linear layers (float64); :attr:`norms` are
+    ||X_j||_2 = sqrt(diag X^T X) per input channel (the statistics of Wanda's and OWL's metric)."""
+
+    def __init__(self, modules: dict[str, nn.Linear]):
+        super().__init__(modules)
+        self.sums = {name: torch.zeros(m.in_features, dtype=torch.float64, device=m.weight.device) for name, m in modules.items()}
+
+    def _accumulate(self, name: str, x: torch.Tensor):
+        self.sums[name] += x.double().pow(2).flatten(0, -2).sum(0)
+
+    @property
+    def norms(self) -> dict[str, torch.Tensor]:
+        return {name: total.sqrt().float().cpu() for name, total in self.sums.items()}

@@ -28,7 +28,7 @@ from transformers import PreTrainedModel
 from . import algorithms
 from .algorithms.base import relative_objective
 from .allocation import module_targets, uniform_targets
-from .calibration import HessianAccumulator, calibration_ids, check_source
+from .calibration import HessianAccumulator, InputNorms, calibration_ids, check_source
 from .config import SLRConfig
 from .modules import FORMAT_VERSION, MARKER_KEY, SLRLinear
 
@@ -401,34 +401,6 @@ def transformer_matching(
 # --- allocation ---------------------------------------------------------------------------------
 
 
-class _InputNorms:
-    """Streams sum_t x_tj^2 of the inputs of Linear layers (forward pre-hooks, float64); the
-    ``norms`` are ||X_j||_2 = sqrt(diag X^T X) per input channel."""
-
-    def __init__(self, modules: dict[str, nn.Linear]):
-        self.modules = modules
-        self.sums = {name: torch.zeros(m.in_features, dtype=torch.float64, device=m.weight.device) for name, m in modules.items()}
-        self._handles = []
-
-    def __enter__(self) -> "_InputNorms":
-        def hook(name):
-            def accumulate(module, args):
-                self.sums[name] += args[0].detach().double().pow(2).flatten(0, -2).sum(0)
-
-            return accumulate
-
-        self._handles = [module.register_forward_pre_hook(hook(name)) for name, module in self.modules.items()]
-        return self
-
-    def __exit__(self, *exc_info):
-        for handle in self._handles:
-            handle.remove()
-
-    @property
-    def norms(self) -> dict[str, torch.Tensor]:
-        return {name: total.sqrt().float().cpu() for name, total in self.sums.items()}
-
-
 def _allocation_statistics(
     model: nn.Module, config: SLRConfig, blocks: nn.ModuleList, block_linears, input_ids, inputs, calls
 ) -> dict:
@@ -436,7 +408,7 @@ def _allocation_statistics(
     one dense pass over the calibration rows, block by block, and (learned) the loss closure."""
     norms, hidden = {}, inputs
     for index, block in enumerate(blocks):
-        with _on_compute_device(block) as device, _InputNorms(block_linears[index]) as recorder:
+        with _on_compute_device(block) as device, InputNorms(block_linears[index]) as recorder:
             hidden = _forward_block(block, calls[index].to(device), hidden.to(device))
         norms.update(recorder.norms)
     del hidden

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from hf_slr.calibration import C4_TRAIN_FILE, HessianAccumulator, calibration_ids, load_documents
+from hf_slr.calibration import C4_TRAIN_FILE, HessianAccumulator, InputNorms, calibration_ids, load_documents
 from hf_slr.utils import data_dir
 
 EOS = 0
@@ -169,6 +169,17 @@ def test_layers_sharing_an_input_each_get_its_hessian():
     torch.testing.assert_close(accumulator.hessians["right"], 2 * flat.T @ flat)
     torch.testing.assert_close(accumulator.hessians["after"], 8 * flat.T @ flat)
     assert accumulator.tokens == {"left": 20, "right": 20, "after": 20}
+
+
+def test_input_norms_are_the_column_norms_of_the_stacked_inputs():
+    fork, x = Fork(), torch.randn(2, 5, 4)
+    with InputNorms({"left": fork.left, "after": fork.after}) as recorder:
+        fork(x)
+        fork(x[:1])
+    fork(x)  # after the context: not counted
+    stacked = torch.cat([x, x[:1]]).reshape(-1, 4).double()
+    torch.testing.assert_close(recorder.norms["left"], stacked.norm(dim=0).float())
+    torch.testing.assert_close(recorder.norms["after"], 2 * stacked.norm(dim=0).float())
 
 
 def test_hessian_of_half_precision_inputs_is_float32():
