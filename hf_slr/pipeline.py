@@ -110,13 +110,18 @@ def _validate(model: nn.Module, config: SLRConfig, linears: dict[str, nn.Linear]
         raise ValueError(f"`seq_len`={config.seq_len} exceeds the model's max_position_embeddings={max_positions}")
 
 
+def uses_data(config: SLRConfig) -> bool:
+    """Whether compressing with ``config`` reads calibration data: a Hessian-based method, transformer
+    matching or a non-uniform allocation."""
+    return algorithms.get(config.method).needs_hessian or config.transformer_matching or config.allocation != "uniform"
+
+
 def check_inputs(model: nn.Module, config: SLRConfig, tokenizer=None):
     """Every check of :func:`compress` that needs only the module shapes: run by the quantizer
     before the weights load, so that bad input fails before any long work. Returns the calibration
     tokenizer (loaded once here), or None when the run uses no data."""
     linears = {name: module for group in _block_linears(model, config) for name, module in group.items()}
-    algorithm = algorithms.get(config.method)
-    calibrated = algorithm.needs_hessian or config.transformer_matching or config.allocation != "uniform"
+    calibrated = uses_data(config)
     _validate(model, config, linears, uniform_targets(linears, config), calibrated)
     if not calibrated:
         return None
@@ -510,7 +515,7 @@ def compress(model: nn.Module, config: SLRConfig, tokenizer=None) -> nn.Module:
     model.eval()
     layouts, report = {}, {"modules": [], "blocks": []}
     try:
-        if calibrated or allocated:
+        if uses_data(config):
             input_ids = calibration_ids(config.calibration_data, tokenizer, config.n_samples, config.seq_len, config.seed)
             inputs, calls = capture_block_inputs(model, input_ids)
         statistics = _allocation_statistics(model, config, blocks, block_linears, input_ids, inputs, calls) if allocated else {}

@@ -24,6 +24,8 @@ def _slr_config(model) -> SLRConfig:
 
 def model_card(model) -> str:
     """README.md for a compressed model: method, sparsity, ranks, base model, how to load it."""
+    from .pipeline import uses_data
+
     config = _slr_config(model)
     layouts = config.compressed_modules
     ranks = Counter(layout["rank"] for layout in layouts.values())
@@ -31,6 +33,10 @@ def model_card(model) -> str:
     base = config.base_model or "unknown"
     rank_text = ", ".join(f"{rank} ({count} matrices)" for rank, count in sorted(ranks.items()))
     pattern = f"{config.nm_pattern[0]}:{config.nm_pattern[1]} semi-structured" if config.nm_pattern else "unstructured"
+    calibration = "none (data-free)"
+    if uses_data(config):
+        source = config.dataset if isinstance(config.dataset, str) else "custom texts"
+        calibration = f"{source}, {config.n_samples} x {config.seq_len} tokens, seed {config.seed}"
     return f"""---
 library_name: transformers
 tags:
@@ -52,7 +58,9 @@ plus rank-r factors U, V, computed by **{config.method}**.
 | sparsity of S | {min(sparsities):.4f} to {max(sparsities):.4f} (mean {sum(sparsities) / len(sparsities):.4f}) |
 | ranks | {rank_text} |
 | compressed matrices | {len(layouts)} |
-| calibration | {config.dataset if isinstance(config.dataset, str) else 'custom texts'}, {config.n_samples} x {config.seq_len} tokens, seed {config.seed} |
+| allocation | {config.allocation} |
+| transformer matching | {f"{config.tm_epochs} epochs, batch {config.tm_batch_size}, lr {config.tm_lr}" if config.transformer_matching else "no"} |
+| calibration | {calibration} |
 
 ## Loading
 

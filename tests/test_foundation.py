@@ -162,7 +162,7 @@ def test_checkpoint_layout_and_model_card(tiny_dense_dir, tmp_path):
     assert config["quant_method"] == "slr" and config["method"] == "magnitude_svd"
     assert SLRConfig.from_dict(config) == model.config.quantization_config
     card = (folder / "README.md").read_text()
-    for needle in ("magnitude_svd", "import hf_slr", "2:4", "4 (14 matrices)"):
+    for needle in ("magnitude_svd", "import hf_slr", "2:4", "4 (14 matrices)", "| calibration | none (data-free) |"):
         assert needle in card
     with safe_open(folder / "model.safetensors", "pt") as f:
         keys = set(f.keys())

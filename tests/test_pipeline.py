@@ -138,6 +138,7 @@ def test_compress_on_load_then_save_and_reload_gives_identical_logits(arch, meth
     if method == "oats":
         assert all(len(entry["history"]) == 3 for entry in model.slr_report["modules"])
     hf_slr.save_pretrained(model, tmp_path / "compressed", tokenizer=tokenizer)
+    assert f"| calibration | custom texts, {N_SAMPLES} x {SEQ_LEN} tokens, seed 0 |" in (tmp_path / "compressed" / "README.md").read_text()
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "compressed")
     ids = calibration_ids(TEXTS, tokenizer, 2, SEQ_LEN, seed=7)
     with torch.no_grad():
