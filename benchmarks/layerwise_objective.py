@@ -12,6 +12,14 @@ numbers. "eora" is HASSLE-free with one alternation (SparseGPT, then the reduced
         --methods threebasil hassle_free oats eora --cache outputs/smollm2_hessians.pt --json out.json
 
 ``--cache`` stores the captured (W, H) pairs (about 5 minutes of forward passes on 2 CPU threads).
+``--plot FILE`` draws the objective per iteration (the ``history`` the algorithms record, the same
+undamped relative objective) of every method, one panel per layer (``--plot-layers``, default all)
+and configuration:
+
+    python benchmarks/layerwise_objective.py --threads 1 --configs 2:4 50% --rank 32 \\
+        --blocks 15 --layers self_attn.o_proj mlp.up_proj --iterations 80 \\
+        --methods threebasil hassle_free hassle_free_gd oats --cache outputs/smollm2_hessians.pt \\
+        --plot docs/figures/convergence-block15-r32.png
 """
 
 from __future__ import annotations
@@ -97,15 +105,42 @@ def capture_hessians(samples: int, length: int, seed: int, blocks: list[int], la
 
 
 def run(data: dict, method: str, kwargs: dict, target: Target) -> list[dict]:
+    """One row per layer: final objective, wall / CPU seconds and, for iterative methods, the
+    objective after each iteration (``history``; recording it is included in the seconds)."""
     algorithm = algorithms.get(method)
+    records_history = "history" in algorithms.hyperparameters(method)
     rows = []
     for name, (weight, hessian) in data.items():
+        history = [] if records_history else None
+        extra = {"history": history} if records_history else {}
         start, cpu = time.perf_counter(), time.process_time()
-        sparse, u, v = algorithm.decompose(weight, hessian if algorithm.needs_hessian else None, target, **kwargs)
+        sparse, u, v = algorithm.decompose(weight, hessian if algorithm.needs_hessian else None, target, **kwargs, **extra)
         seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
         rows.append({"layer": name, "objective": relative_objective(weight, sparse, u, v, hessian),
-                     "seconds": seconds, "cpu_seconds": cpu})
+                     "seconds": seconds, "cpu_seconds": cpu, "history": history})
     return rows
+
+
+def plot_convergence(results: dict, layers: list[str], path: Path) -> None:
+    """One panel per layer and configuration: the objective per iteration of each method."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    configs = list(dict.fromkeys(key.rsplit(" ", 1)[0] for key in results))
+    figure = Figure(figsize=(6 * len(configs), 4 * len(layers)), layout="constrained")
+    FigureCanvasAgg(figure)
+    panels = figure.subplots(len(layers), len(configs), squeeze=False)
+    for (layer, config), axes in zip([(layer, config) for layer in layers for config in configs], panels.flat):
+        for key, rows in results.items():
+            row = next((r for r in rows if r["layer"] == layer), None)
+            if key.startswith(config + " ") and row is not None and row["history"]:
+                label = f"{key.rsplit(' ', 1)[1]} ({row['objective']:.2e}, {row['seconds']:.0f} s)"
+                axes.plot(range(1, len(row["history"]) + 1), row["history"], label=label)
+        axes.set(xlabel="iteration", ylabel="relative objective tr(E H E^T) / tr(W H W^T)", yscale="log",
+                 title=f"{layer}: {config}")
+        axes.legend()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -126,6 +161,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--cache", type=Path, default=None,
                         help="load / save the captured (W, H) here (keyed by layer: one file per calibration)")
     parser.add_argument("--json", type=Path, default=None, help="write all per-layer rows here")
+    parser.add_argument("--plot", type=Path, default=None, help="write the convergence curves of --plot-layer here (PNG)")
+    parser.add_argument("--plot-layers", nargs="+", default=None, help="the layers to plot (default: all those run)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -166,6 +203,8 @@ def main(argv: list[str] | None = None) -> dict:
             print(line, flush=True)
     if args.json is not None:
         args.json.write_text(json.dumps(results, indent=1))
+    if args.plot is not None:
+        plot_convergence(results, args.plot_layers or names, args.plot)
     return results
 
 
