@@ -110,6 +110,9 @@ def run_one(name: str, kwargs: dict | None, args, tokenizer) -> dict:
         objectives = [entry["relative_objective"] for entry in model.slr_report["modules"]]
         result["mean_layer_objective"] = sum(objectives) / len(objectives)
         result["calibration"] = f"{args.n_samples} x {args.calib_seq_len}"
+        matched = [block for block in model.slr_report["blocks"] if "tm_loss_before" in block]
+        if matched:  # block-output MSE of transformer matching, per block: before -> after
+            result["tm_loss"] = [(block["tm_loss_before"], block["tm_loss_after"]) for block in matched]
         allocation = model.slr_report.get("allocation")
         if allocation is not None:  # the plot hf_slr.save_pretrained writes next to a checkpoint
             plot_allocation(allocation, Path(args.out) / f"{name}.png")
