@@ -64,7 +64,7 @@ SUITES = {
     ],
 }
 # Everything above, most informative first: the order the tables of docs/results.md were run in
-# (two processes on 2 cores; what did not fit in the session is marked there).
+# (two processes on 2 cores).
 PRIORITY = [
     "threebasil-50%+r16", "qr_rpca-cr0.5-uniform", "qr_rpca-cr0.5-owl", "qr_rpca-cr0.5-learned",
     "threebasil-50%+r16+tm", "hassle_free-50%+r16", "wanda-50%+tm", "threebasil-2:4+r16",
