@@ -111,13 +111,12 @@ def run(data: dict, method: str, kwargs: dict, target: Target) -> list[dict]:
     records_history = "history" in algorithms.hyperparameters(method)
     rows = []
     for name, (weight, hessian) in data.items():
-        history = [] if records_history else None
-        extra = {"history": history} if records_history else {}
+        extra = {"history": []} if records_history else {}
         start, cpu = time.perf_counter(), time.process_time()
         sparse, u, v = algorithm.decompose(weight, hessian if algorithm.needs_hessian else None, target, **kwargs, **extra)
         seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
         rows.append({"layer": name, "objective": relative_objective(weight, sparse, u, v, hessian),
-                     "seconds": seconds, "cpu_seconds": cpu, "history": history})
+                     "seconds": seconds, "cpu_seconds": cpu, "history": extra.get("history")})
     return rows
 
 
@@ -161,7 +160,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--cache", type=Path, default=None,
                         help="load / save the captured (W, H) here (keyed by layer: one file per calibration)")
     parser.add_argument("--json", type=Path, default=None, help="write all per-layer rows here")
-    parser.add_argument("--plot", type=Path, default=None, help="write the convergence curves of --plot-layer here (PNG)")
+    parser.add_argument("--plot", type=Path, default=None, help="write the convergence curves of --plot-layers here (PNG)")
     parser.add_argument("--plot-layers", nargs="+", default=None, help="the layers to plot (default: all those run)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
