@@ -25,6 +25,7 @@ and configuration:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import random
@@ -108,15 +109,14 @@ def run(data: dict, method: str, kwargs: dict, target: Target) -> list[dict]:
     """One row per layer: final objective, wall / CPU seconds and, for iterative methods, the
     objective after each iteration (``history``; recording it is included in the seconds)."""
     algorithm = algorithms.get(method)
-    records_history = "history" in algorithms.hyperparameters(method)
+    hyperparameters = algorithm.check(kwargs)
     rows = []
     for name, (weight, hessian) in data.items():
-        extra = {"history": []} if records_history else {}
         start, cpu = time.perf_counter(), time.process_time()
-        sparse, u, v = algorithm.decompose(weight, hessian if algorithm.needs_hessian else None, target, **kwargs, **extra)
+        result = algorithm.run(weight, hessian if algorithm.needs_hessian else None, target, hyperparameters)
         seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
-        rows.append({"layer": name, "objective": relative_objective(weight, sparse, u, v, hessian),
-                     "seconds": seconds, "cpu_seconds": cpu, "history": extra.get("history")})
+        rows.append({"layer": name, "objective": relative_objective(weight, *result, hessian),
+                     "seconds": seconds, "cpu_seconds": cpu, "history": list(result.history) or None})
     return rows
 
 
@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> dict:
         for label in args.methods:
             method, kwargs = RUNS[label]
             kwargs = dict(kwargs)
-            hyperparameters = algorithms.hyperparameters(method)
+            hyperparameters = dataclasses.asdict(algorithms.get(method).defaults())
             if args.iterations is not None and label != "eora" and "iterations" in hyperparameters:
                 kwargs["iterations"] = args.iterations
             if args.iterations is not None and "max_iterations" in hyperparameters:  # ADMM: at most as many

@@ -8,8 +8,8 @@ load and ``from_pretrained(compressed_dir)`` reloads a compressed checkpoint.
 from transformers.quantizers import auto as _auto
 
 from .config import QUANT_METHOD, SLRConfig
+from .entrypoints import compress
 from .modules import SLRLinear
-from .pipeline import compress
 from .quantizer import SLRHfQuantizer
 from .serialization import push_to_hub, save_pretrained
 

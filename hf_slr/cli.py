@@ -46,6 +46,7 @@ def compress(args) -> dict:
         tokenizer=tokenizer,
         method_kwargs=json.loads(args.method_kwargs) if args.method_kwargs else None,
         transformer_matching=args.tm,
+        tm_kwargs=json.loads(args.tm_kwargs) if args.tm_kwargs else None,
         allocation=args.allocation,
         allocation_kwargs=json.loads(args.allocation_kwargs) if args.allocation_kwargs else None,
     )
@@ -76,8 +77,8 @@ def evaluate(args) -> dict:
 
 
 def info(args) -> dict:
-    from .pipeline import compressed_layers
-    from .serialization import checkpoint_bytes, information_bound_bytes, kept_fraction
+    from .integration import compressed_layers, information_bound_bytes, kept_fraction
+    from .serialization import checkpoint_bytes
 
     model = _load(args.model, "float32")
     config = getattr(model.config, "quantization_config", None)
@@ -122,7 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--method-kwargs", default=None, help='JSON, e.g. \'{"iterations": 40}\'')
-    p.add_argument("--tm", action="store_true", help="transformer matching after each block (002 §3)")
+    p.add_argument("--tm", action="store_true", help="transformer matching after each block (3BASiL-TM §3)")
+    p.add_argument("--tm-kwargs", default=None, help='JSON schedule of --tm, e.g. \'{"epochs": 20, "lr": 2e-5}\'')
     p.add_argument(
         "--allocation",
         default="uniform",

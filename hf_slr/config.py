@@ -1,18 +1,24 @@
-"""SLRConfig: what to compress, to which budget, with which method. Pure data plus validation."""
+"""SLRConfig: the request (what to compress, to which budget, with which method). Plain data,
+validated when built against the registries of methods, allocations and transformer matching;
+the library never writes into it (results go to the model and its saved copy of the config)."""
 
 from __future__ import annotations
 
 import copy
 import inspect
 import math
+import os
 import re
 from typing import Any
 
+import datasets
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from . import algorithms
+from .algorithms.hyperparameters import check_hyperparameters
 from .allocation import ALLOCATIONS
 from .allocation import check_kwargs as check_allocation_kwargs
+from .compression.matching import MatchingHyperparameters
 
 QUANT_METHOD = "slr"
 STORAGE_DTYPES = ("float32", "float16", "bfloat16")
@@ -42,17 +48,24 @@ def parse_sparsity(value: float | str | None, field: str = "sparsity") -> tuple[
     return float(value), None
 
 
+def _real(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _check(condition: bool, message: str):
     if not condition:
         raise ValueError(message)
 
 
-def _is_hf_dataset(value: Any) -> bool:
-    if isinstance(value, (str, list, tuple)) or value is None:
-        return False
-    import datasets
+LEGACY_MATCHING_FIELDS = {"tm_epochs": "epochs", "tm_batch_size": "batch_size", "tm_lr": "lr"}
+"""Fields of format-1 configs (and of earlier releases) now inside ``tm_kwargs``."""
 
-    return isinstance(value, datasets.Dataset)
+
+def provenance_name(name: str | None) -> str | None:
+    """A model name fit for shared files: a Hub id as is, a local path reduced to its folder name."""
+    if name and (os.path.isabs(name) or os.path.exists(name)):
+        return os.path.basename(os.path.normpath(name))
+    return name
 
 
 class SLRConfig(QuantizationConfigMixin):
@@ -74,20 +87,24 @@ class SLRConfig(QuantizationConfigMixin):
             a ``datasets.Dataset`` with a ``text`` column, or a Hub dataset name.
         n_samples, seq_len, seed: calibration segments (SparseGPT protocol: 128 x 2048, seed 0).
         tokenizer: name or path of the tokenizer for calibration (default: the model's own).
-        method_kwargs: hyperparameters of ``method`` (names checked against its signature).
+        method_kwargs: hyperparameters of ``method``, validated (names, types, ranges) against the
+            method's declared record (``hf_slr.algorithms.get(method).hyperparameters``).
         storage_dtype: dtype of the stored S values and U, V (default: the model's dtype).
-        transformer_matching, tm_epochs, tm_batch_size, tm_lr: block-output matching after each
-            block is compressed (002 §3, App. B defaults: 20 epochs, batch 8, lr 2e-5 cosine).
+        transformer_matching: block-output matching after each block is compressed (3BASiL-TM §3).
+        tm_kwargs: its schedule, ``epochs``, ``batch_size``, ``lr`` (App. B defaults: 20, 8, 2e-5
+            cosine); ``tm_epochs``, ``tm_batch_size``, ``tm_lr`` are accepted as aliases.
         allocation: how the budget is spread over matrices: ``"uniform"``; ``"owl"`` (per-layer
             sparsity from outlier ratios, Yin et al. 2024); ``"learned"`` (per-layer sparsity and
             per-matrix rank ratio by the bilevel outer loop of 000). ``owl`` and ``learned`` need
             ``compression_ratio`` with unstructured sparsity (``rank_ratio`` is kappa, the initial one
             for ``learned``) and meet its total budget exactly. See docs/allocation.md.
-        allocation_kwargs: hyperparameters of ``allocation`` (names and values checked against
-            ``hf_slr.allocation.hyperparameters(allocation)``).
-        compressed_modules: filled after compression: per module ``{"rank", "nnz", "sparsity"}``;
-            a checkpoint reloads its exact shapes from it.
-        base_model: name or path of the dense model that was compressed (filled after compression).
+        allocation_kwargs: hyperparameters of ``allocation`` (validated against
+            ``hf_slr.allocation.ALLOCATIONS[allocation]``).
+        base_model: name of the dense model that was compressed: set on the compressed model's own
+            copy of the config (a local path is reduced to its folder name), never on the caller's.
+
+    The layer shapes of a compressed checkpoint are not in the config: they are read from the
+    checkpoint's tensors (see docs/format.md).
     """
 
     def __init__(
@@ -106,16 +123,18 @@ class SLRConfig(QuantizationConfigMixin):
         method_kwargs: dict[str, Any] | None = None,
         storage_dtype: str | None = None,
         transformer_matching: bool = False,
-        tm_epochs: int = 20,
-        tm_batch_size: int = 8,
-        tm_lr: float = 2e-5,
+        tm_kwargs: dict[str, Any] | None = None,
         allocation: str = "uniform",
         allocation_kwargs: dict[str, Any] | None = None,
-        compressed_modules: dict[str, dict[str, Any]] | None = None,
         base_model: str | None = None,
         **kwargs,
     ):
         kwargs.pop("quant_method", None)
+        kwargs.pop("compressed_modules", None)  # format 1 listed the layer shapes here; they come from the tensors
+        tm_kwargs = dict(tm_kwargs or {})
+        for legacy, name in LEGACY_MATCHING_FIELDS.items():
+            if legacy in kwargs:
+                tm_kwargs.setdefault(name, kwargs.pop(legacy))
         if kwargs:
             raise ValueError(f"SLRConfig got unknown fields {sorted(kwargs)}; allowed fields: {sorted(self._fields())}")
         self.quant_method = QUANT_METHOD
@@ -126,29 +145,28 @@ class SLRConfig(QuantizationConfigMixin):
         self.rank_ratio = rank_ratio
         self.modules_to_not_convert = list(modules_to_not_convert) if modules_to_not_convert is not None else None
         # Likewise a datasets.Dataset: kept for this session, described by its fingerprint when serialized.
-        self._dataset_object = dataset if _is_hf_dataset(dataset) else None
+        self._dataset_object = dataset if isinstance(dataset, datasets.Dataset) else None
         self.dataset = f"datasets.Dataset@{dataset._fingerprint}" if self._dataset_object is not None else dataset
         self.n_samples = n_samples
         self.seq_len = seq_len
         self.seed = seed
         # A tokenizer object is kept for this session only; its name is what gets serialized.
         self._tokenizer_object = None if tokenizer is None or isinstance(tokenizer, str) else tokenizer
-        self.tokenizer = getattr(tokenizer, "name_or_path", None) if self._tokenizer_object is not None else tokenizer
+        self.tokenizer = provenance_name(getattr(tokenizer, "name_or_path", None)) if self._tokenizer_object is not None else tokenizer
         self.method_kwargs = dict(method_kwargs or {})
         self.storage_dtype = storage_dtype
         self.transformer_matching = transformer_matching
-        self.tm_epochs = tm_epochs
-        self.tm_batch_size = tm_batch_size
-        self.tm_lr = tm_lr
+        self.tm_kwargs = tm_kwargs
         self.allocation = allocation
         self.allocation_kwargs = dict(allocation_kwargs or {})
-        self.compressed_modules = compressed_modules
-        self.base_model = base_model
+        self.base_model = provenance_name(base_model)
         self.post_init()
 
     @classmethod
     def _fields(cls) -> list[str]:
-        return [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "kwargs")]
+        return [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "kwargs")] + list(
+            LEGACY_MATCHING_FIELDS
+        )
 
     def post_init(self):
         """Validate every field; errors name the field and its allowed values."""
@@ -165,7 +183,7 @@ class SLRConfig(QuantizationConfigMixin):
             )
         if self.compression_ratio is not None:
             _check(
-                isinstance(self.compression_ratio, (int, float)) and 0.0 < self.compression_ratio < 1.0,
+                _real(self.compression_ratio) and 0.0 < self.compression_ratio < 1.0,
                 f"`compression_ratio` must be a float in (0, 1), got {self.compression_ratio!r}",
             )
             _check(self.rank is None, "`rank` and `compression_ratio` are exclusive: the ratio decides the rank")
@@ -189,7 +207,7 @@ class SLRConfig(QuantizationConfigMixin):
                 _check(self.rank_ratio is None, "`rank_ratio` applies to unstructured sparsity only, not to N:M")
         if self.rank_ratio is not None:
             _check(
-                isinstance(self.rank_ratio, (int, float)) and 0.0 <= self.rank_ratio <= 1.0,
+                _real(self.rank_ratio) and 0.0 <= self.rank_ratio <= 1.0,
                 f"`rank_ratio` must be a float in [0, 1], got {self.rank_ratio!r}",
             )
             _check(self.compression_ratio is not None, "`rank_ratio` needs `compression_ratio`")
@@ -203,7 +221,7 @@ class SLRConfig(QuantizationConfigMixin):
             "`dataset` must be 'c4', a path, a Hub dataset name, a list of strings or a datasets.Dataset, "
             f"got {type(self.dataset).__name__}",
         )
-        for field in ("n_samples", "seq_len", "tm_epochs", "tm_batch_size"):
+        for field in ("n_samples", "seq_len"):
             value = getattr(self, field)
             _check(
                 isinstance(value, int) and not isinstance(value, bool) and value > 0,
@@ -214,27 +232,17 @@ class SLRConfig(QuantizationConfigMixin):
             self.tokenizer is None or isinstance(self.tokenizer, str),
             f"`tokenizer` must be a name, a path or a tokenizer object, got {type(self.tokenizer).__name__}",
         )
-        _check(isinstance(self.method_kwargs, dict), "`method_kwargs` must be a dict")
-        known = algorithms.hyperparameters(self.method)
-        unknown = sorted(set(self.method_kwargs) - set(known) - {"history"})
-        _check(
-            not unknown,
-            f"`method_kwargs` has {unknown}, which method {self.method!r} does not take; allowed: {sorted(set(known) - {'history'})}",
-        )
+        algorithms.get(self.method).check(self.method_kwargs)
         _check(
             self.storage_dtype is None or self.storage_dtype in STORAGE_DTYPES,
             f"`storage_dtype` must be one of {list(STORAGE_DTYPES)} or None, got {self.storage_dtype!r}",
         )
         _check(isinstance(self.transformer_matching, bool), "`transformer_matching` must be a bool")
+        self.matching_hyperparameters  # validates tm_kwargs
         _check(
-            isinstance(self.tm_lr, (int, float)) and self.tm_lr > 0,
-            f"`tm_lr` must be a float > 0, got {self.tm_lr!r}",
-        )
-        _check(
-            self.allocation in ALLOCATIONS,
+            isinstance(self.allocation, str) and self.allocation in ALLOCATIONS,
             f"`allocation` must be one of {list(ALLOCATIONS)}, got {self.allocation!r}",
         )
-        _check(isinstance(self.allocation_kwargs, dict), "`allocation_kwargs` must be a dict")
         if self.allocation != "uniform":
             _check(
                 self.compression_ratio is not None and nm_pattern is None,
@@ -243,17 +251,10 @@ class SLRConfig(QuantizationConfigMixin):
                 "`sparsity` or an N:M pattern (use allocation='uniform' for those)",
             )
         check_allocation_kwargs(self.allocation, self.allocation_kwargs)
-        if self.compressed_modules is not None:
-            _check(isinstance(self.compressed_modules, dict), "`compressed_modules` must be a dict name -> layout")
-            for name, layout in self.compressed_modules.items():
-                _check(
-                    isinstance(layout, dict)
-                    and isinstance(layout.get("rank"), int)
-                    and layout["rank"] >= 0
-                    and isinstance(layout.get("nnz"), int)
-                    and layout["nnz"] >= 0,
-                    f"`compressed_modules[{name!r}]` must be a dict with int `rank` >= 0 and int `nnz` >= 0, got {layout!r}",
-                )
+        _check(
+            self.base_model is None or isinstance(self.base_model, str),
+            f"`base_model` must be a model name or None, got {type(self.base_model).__name__}",
+        )
 
     @property
     def nm_pattern(self) -> tuple[int, int] | None:
@@ -261,22 +262,24 @@ class SLRConfig(QuantizationConfigMixin):
         return parse_sparsity(self.sparsity)[1]
 
     @property
-    def is_compressed(self) -> bool:
-        """True once the per-module layouts are known (a compressed checkpoint)."""
-        return self.compressed_modules is not None
+    def sparsity_fraction(self) -> float | None:
+        """``sparsity`` as a fraction of zeros (``"2:4"`` -> 0.5), None when unset."""
+        return parse_sparsity(self.sparsity)[0]
 
-    def budget(self, out_features: int, in_features: int) -> tuple[int, float]:
-        """(rank, sparsity) of one [out, in] matrix under the uniform budget rule of this config."""
-        sparsity, nm_pattern = parse_sparsity(self.sparsity)
-        numel, fan = out_features * in_features, out_features + in_features
-        if self.compression_ratio is None:
-            return (64 if self.rank is None else self.rank), (0.5 if sparsity is None else sparsity)
-        kept = 1.0 - self.compression_ratio
-        if nm_pattern is not None:
-            n, m = nm_pattern
-            return int(math.floor((kept - n / m) * numel / fan)), sparsity
-        nnz = int(math.floor((1.0 - self.rank_ratio) * kept * numel))
-        return int(math.floor(self.rank_ratio * kept * numel / fan)), (numel - nnz) / numel
+    @property
+    def method_hyperparameters(self):
+        """The validated hyperparameter record of ``method`` (its paper defaults where unset)."""
+        return algorithms.get(self.method).check(self.method_kwargs)
+
+    @property
+    def matching_hyperparameters(self) -> MatchingHyperparameters:
+        """The validated schedule of transformer matching."""
+        return check_hyperparameters("transformer matching", MatchingHyperparameters, self.tm_kwargs, field_label="tm_kwargs")
+
+    @property
+    def allocation_hyperparameters(self):
+        """The validated hyperparameter record of ``allocation`` (None for uniform)."""
+        return check_allocation_kwargs(self.allocation, self.allocation_kwargs)
 
     def to_dict(self) -> dict[str, Any]:
         return copy.deepcopy({key: value for key, value in self.__dict__.items() if not key.startswith("_")})

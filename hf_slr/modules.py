@@ -1,6 +1,6 @@
 """SLRLinear: y = x (S + U V)^T + b, with S stored compactly.
 
-Storage (all tensors safetensors can hold; see docs/format.md):
+Storage (all tensors safetensors can hold; the codec is :mod:`hf_slr.format`, see docs/format.md):
 
 - ``U`` [out, r] and ``V`` [r, in]: dense low-rank factors (parameters);
 - ``sparse_values``: the nonzeros of S (a parameter, so their values can be trained on a fixed
@@ -17,39 +17,11 @@ the duration of the call (a transient, never a stored buffer); fast sparse kerne
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-FORMAT_VERSION = 1
-# Saved checkpoints carry a 1-element uint8 marker under `<module>.weight` for every SLRLinear:
-# plain transformers (without `import hf_slr`) then fails on a size mismatch instead of loading
-# randomly initialised Linears. The layer itself has no `weight`.
-MARKER_KEY = "weight"
-
-
-def index_bits(group_size: int) -> int:
-    """Bits needed for an in-group position of an M-wide group."""
-    return max(1, math.ceil(math.log2(group_size)))
-
-
-def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack non-negative ints < 2**bits into a flat uint8 stream, least significant bit first."""
-    flat = values.reshape(-1).to(torch.int64)
-    stream = (flat.unsqueeze(1) >> torch.arange(bits, device=flat.device)) & 1
-    stream = stream.reshape(-1)
-    stream = F.pad(stream, (0, (-stream.numel()) % 8))
-    weights = 1 << torch.arange(8, device=flat.device)
-    return (stream.reshape(-1, 8) * weights).sum(1).to(torch.uint8)
-
-
-def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
-    """Inverse of :func:`pack_bits`: the first ``count`` ints of ``bits`` bits each (int64)."""
-    stream = (packed.to(torch.int64).unsqueeze(1) >> torch.arange(8, device=packed.device)) & 1
-    stream = stream.reshape(-1)[: count * bits].reshape(count, bits)
-    return (stream << torch.arange(bits, device=packed.device)).sum(1)
+from .format import INDICES_KEY, MASK_KEY, LayerLayout, index_bits, pack_bits, packed_bytes, unpack_bits
 
 
 class SLRLinear(nn.Module):
@@ -76,25 +48,46 @@ class SLRLinear(nn.Module):
     ):
         super().__init__()
         factory = {"device": device, "dtype": dtype}
-        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.in_features, self.out_features = in_features, out_features
         self.nm_pattern = tuple(nm_pattern) if nm_pattern is not None else None
         self.U = nn.Parameter(torch.zeros(out_features, rank, **factory))
         self.V = nn.Parameter(torch.zeros(rank, in_features, **factory))
         if self.nm_pattern is None:
-            self.nnz = nnz
             self.sparse_values = nn.Parameter(torch.zeros(nnz, **factory))
-            mask_bytes = math.ceil(out_features * in_features / 8)
-            self.register_buffer("sparse_mask", torch.zeros(mask_bytes, dtype=torch.uint8, device=device))
+            mask_bytes = packed_bytes(out_features * in_features, 1)
+            self.register_buffer(MASK_KEY, torch.zeros(mask_bytes, dtype=torch.uint8, device=device))
         else:
             n, m = self.nm_pattern
             if in_features % m:
                 raise ValueError(f"nm_pattern {n}:{m} needs in_features divisible by {m}, got {in_features}")
             kept = in_features // m * n
-            self.nnz = out_features * kept
             self.sparse_values = nn.Parameter(torch.zeros(out_features, kept, **factory))
-            index_bytes = math.ceil(self.nnz * index_bits(m) / 8)
-            self.register_buffer("sparse_indices", torch.zeros(index_bytes, dtype=torch.uint8, device=device))
+            index_bytes = packed_bytes(out_features * kept, index_bits(m))
+            self.register_buffer(INDICES_KEY, torch.zeros(index_bytes, dtype=torch.uint8, device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, **factory)) if bias else None
+
+    @classmethod
+    def from_layout(cls, layout: LayerLayout, device=None, dtype=None) -> "SLRLinear":
+        """An empty layer of ``layout``'s shapes (what a checkpoint's tensors then load into)."""
+        return cls(
+            layout.in_features, layout.out_features, layout.rank, nnz=layout.nnz, nm_pattern=layout.nm_pattern,
+            bias=layout.bias, device=device, dtype=dtype,
+        )
+
+    @property
+    def rank(self) -> int:
+        """Columns of U (read from the tensor: the one place the rank is stored)."""
+        return self.U.shape[1]
+
+    @property
+    def nnz(self) -> int:
+        """Stored values of S (read from ``sparse_values``)."""
+        return self.sparse_values.numel()
+
+    @property
+    def layout(self) -> LayerLayout:
+        """The layer's shape record, as the checkpoint format describes it."""
+        return LayerLayout(self.out_features, self.in_features, self.rank, self.nnz, self.nm_pattern, self.bias is not None)
 
     @classmethod
     def from_dense(

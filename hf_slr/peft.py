@@ -23,8 +23,8 @@ from peft.tuners.lora import layer as lora
 from peft.tuners.tuners_utils import check_adapters_to_merge
 from torch import nn
 
+from .integration import compressed_layers, matches
 from .modules import SLRLinear
-from .pipeline import compressed_layers
 
 MODES = ("factors", "extra")
 SLR_FACTORS = "slr_factors"
@@ -43,16 +43,14 @@ class SLRLoraLinear(lora.Linear):
     ``unload()`` return to.
 
     Merging rewrites the base factors: a factors adapter gives U = scaling B, V = A; an extra
-    adapter is appended, U = [U, scaling B], V = [V; A] (rank k + r). ``slr_layout`` (set by
-    :func:`get_slr_peft_model` / :func:`load_slr_peft_model`) is the layer's entry of the model's
-    ``compressed_modules``; its rank follows the merged layer so the checkpoint reloads.
+    adapter is appended, U = [U, scaling B], V = [V; A] (rank k + r). The layer's rank is the
+    shape of U, so the merged checkpoint describes itself and reloads.
     """
 
     other_param_names = lora.Linear.other_param_names + ("slr_factors",)
 
     def __init__(self, base_layer: SLRLinear, adapter_name: str, config: LoraConfig, **kwargs):
         self.slr_factors: dict[str, bool] = {}
-        self.slr_layout: dict | None = None
         super().__init__(base_layer, adapter_name, config=config, **kwargs)
 
     @property
@@ -146,9 +144,6 @@ class SLRLoraLinear(lora.Linear):
         base = self.get_base_layer()
         base.U = u if isinstance(u, nn.Parameter) else nn.Parameter(u, requires_grad=False)
         base.V = v if isinstance(v, nn.Parameter) else nn.Parameter(v, requires_grad=False)
-        base.rank = u.shape[1]
-        if self.slr_layout is not None:
-            self.slr_layout["rank"] = base.rank
 
 
 def _check_factors_rank(where: str, r: int, rank: int):
@@ -174,20 +169,11 @@ def _slr_layers(model: nn.Module) -> dict[str, SLRLinear]:
     return layers
 
 
-def _link_layouts(peft_model: PeftModel) -> PeftModel:
-    model = peft_model.get_base_model()
-    layouts = getattr(getattr(model.config, "quantization_config", None), "compressed_modules", None) or {}
-    for name, module in model.named_modules():
-        if isinstance(module, SLRLoraLinear):
-            module.slr_layout = layouts.get(name)
-    return peft_model
-
-
 def _selected(names: list[str], target_modules: list[str] | str | None) -> list[str]:
     if target_modules is None:
         return names
     targets = [target_modules] if isinstance(target_modules, str) else list(target_modules)
-    chosen = [name for name in names if any(name == t or name.endswith("." + t) for t in targets)]
+    chosen = [name for name in names if matches(name, targets)]
     if not chosen:
         raise ValueError(f"target_modules={targets} matches no SLRLinear layer; they are e.g. {names[:3]}")
     return chosen
@@ -252,7 +238,7 @@ def get_slr_peft_model(
         init_lora_weights=SLR_FACTORS if mode == "factors" else True,
         **lora_kwargs,
     )
-    return _link_layouts(get_peft_model(model, _register(config), adapter_name=adapter_name))
+    return get_peft_model(model, _register(config), adapter_name=adapter_name)
 
 
 def load_slr_peft_model(
@@ -265,7 +251,6 @@ def load_slr_peft_model(
     """
     _slr_layers(model)
     config = _register(LoraConfig.from_pretrained(adapter_dir))
-    peft_model = PeftModel.from_pretrained(
+    return PeftModel.from_pretrained(
         model, adapter_dir, adapter_name=adapter_name, is_trainable=is_trainable, config=config, **kwargs
     )
-    return _link_layouts(peft_model)

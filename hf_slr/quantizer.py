@@ -2,52 +2,64 @@
 
 from __future__ import annotations
 
+import copy
 import re
 
+import torch
 from transformers.quantizers.base import HfQuantizer
 
-from . import pipeline
-from .config import SLRConfig
-from .modules import FORMAT_VERSION, MARKER_KEY
+from . import format as slr_format
+from . import integration
+from .compression import driver
+from .compression.plan import plan_compression
+from .config import SLRConfig, provenance_name
 
 
 class SLRHfQuantizer(HfQuantizer):
     """``quant_method: "slr"``.
 
-    - dense weights + ``SLRConfig(method=...)``: the weights load as usual, then
-      ``_process_model_after_weight_loading`` runs the compression pipeline;
-    - a compressed checkpoint (its config lists ``compressed_modules``): the target Linears are
-      replaced by empty SLRLinears of the recorded shapes before the tensors load by name.
+    - dense weights + ``SLRConfig(method=...)``: the checks run before the weights load, the
+      compression after (:mod:`hf_slr.compression`);
+    - a compressed checkpoint: the layer layouts are read from the checkpoint's tensors and
+      records (:mod:`hf_slr.format`), the target Linears replaced by empty SLRLinears of those
+      layouts before the tensors load by name, and the loaded values checked after.
+
+    The quantizer works on its own copy of the config: the caller's request is never modified.
     """
 
     requires_calibration = False
 
     def __init__(self, quantization_config: SLRConfig, **kwargs):
-        super().__init__(quantization_config, **kwargs)
-        if self.pre_quantized and not quantization_config.is_compressed:
-            raise ValueError(
-                "This checkpoint's `quantization_config` has quant_method 'slr' but no `compressed_modules`: "
-                "it was not written by hf_slr after compression, so its layer shapes are unknown."
-            )
+        super().__init__(copy.deepcopy(quantization_config), **kwargs)
+        self.plan = None
 
-    def _process_model_before_weight_loading(self, model, dtype=None, **kwargs):
+    def _process_model_before_weight_loading(self, model, dtype=None, checkpoint_files=None, **kwargs):
         if self.pre_quantized:
-            pipeline.build_skeleton(model, self.quantization_config)
-            # The per-module marker that makes plain transformers refuse the checkpoint (see modules.py).
-            markers = {re.escape(f"{name}.{MARKER_KEY}") + "$" for name in self.quantization_config.compressed_modules}
-            model._keys_to_ignore_on_load_unexpected = set(model._keys_to_ignore_on_load_unexpected or ()) | markers
+            if not checkpoint_files:
+                raise ValueError("An SLR checkpoint loads from its safetensors files (no checkpoint files were given)")
+            index = slr_format.CheckpointIndex(checkpoint_files)
+            layouts = slr_format.read_layouts(index, integration.linear_shapes(model), self.quantization_config.nm_pattern)
+            storage = self.quantization_config.storage_dtype
+            integration.build_skeleton(model, layouts, dtype=getattr(torch, storage) if storage else None)
+            records = {re.escape(f"{name}.{slr_format.RECORD_KEY}") + "$" for name in layouts}
+            model._keys_to_ignore_on_load_unexpected = set(model._keys_to_ignore_on_load_unexpected or ()) | records
         else:
-            # Resolved once here (a name is loaded) and reused by the compression after loading.
-            self.calibration_tokenizer = pipeline.check_inputs(model, self.quantization_config, self.quantization_config.tokenizer_object)
+            self.plan = plan_compression(model, self.quantization_config)
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
-        if not self.pre_quantized:
-            pipeline.compress(model, self.quantization_config, tokenizer=self.calibration_tokenizer)
+        if self.pre_quantized:
+            integration.check_loaded(model)
+        else:
+            model.slr_report = driver.run(model, self.plan)
+            self.plan = None
+            self.quantization_config.base_model = self.quantization_config.base_model or provenance_name(
+                getattr(model.config, "_name_or_path", None)
+            )
         return model
 
     def get_state_dict_and_metadata(self, model):
-        return pipeline.state_dict_with_markers(model), {"slr_format_version": str(FORMAT_VERSION)}
+        return integration.checkpoint_state_dict(model), {slr_format.VERSION_METADATA_KEY: str(slr_format.FORMAT_VERSION)}
 
     def is_serializable(self):
         return True
@@ -57,4 +69,4 @@ class SLRHfQuantizer(HfQuantizer):
         return True
 
     def _dequantize(self, model, dtype=None):
-        return pipeline.dequantize(model, dtype=dtype)
+        return integration.dequantize(model, dtype=dtype)

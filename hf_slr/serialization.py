@@ -9,7 +9,10 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
+from .allocation.plot import plot_allocation
+from .compression.plan import uses_data
 from .config import SLRConfig
+from .integration import compressed_layers
 
 REPORT_FILE = "slr_report.json"
 ALLOCATION_PLOT = "allocation.png"
@@ -17,22 +20,22 @@ ALLOCATION_PLOT = "allocation.png"
 
 def _slr_config(model) -> SLRConfig:
     config = getattr(getattr(model, "config", None), "quantization_config", None)
-    if not isinstance(config, SLRConfig) or not config.is_compressed:
+    if not isinstance(config, SLRConfig) or not compressed_layers(model):
         raise ValueError("The model is not SLR-compressed: load it with `quantization_config=SLRConfig(...)` first")
     return config
 
 
 def model_card(model) -> str:
-    """README.md for a compressed model: method, sparsity, ranks, base model, how to load it."""
-    from .pipeline import uses_data
-
+    """README.md for a compressed model: method, sparsity, ranks, base model, how to load it (the
+    layer facts are read from the layers themselves)."""
     config = _slr_config(model)
-    layouts = config.compressed_modules
-    ranks = Counter(layout["rank"] for layout in layouts.values())
-    sparsities = [layout["sparsity"] for layout in layouts.values()]
+    layers = compressed_layers(model).values()
+    ranks = Counter(layer.rank for layer in layers)
+    sparsities = [1.0 - layer.nnz / (layer.out_features * layer.in_features) for layer in layers]
+    patterns = {layer.nm_pattern for layer in layers}
     base = config.base_model or "unknown"
     rank_text = ", ".join(f"{rank} ({count} matrices)" for rank, count in sorted(ranks.items()))
-    pattern = f"{config.nm_pattern[0]}:{config.nm_pattern[1]} semi-structured" if config.nm_pattern else "unstructured"
+    pattern = " and ".join(sorted(f"{p[0]}:{p[1]} semi-structured" if p else "unstructured" for p in patterns))
     calibration = "none (data-free)"
     if uses_data(config):
         source = config.dataset if isinstance(config.dataset, str) else "custom texts"
@@ -57,9 +60,9 @@ plus rank-r factors U, V, computed by **{config.method}**.
 | method | `{config.method}` {json.dumps(config.method_kwargs) if config.method_kwargs else ''} |
 | sparsity of S | {min(sparsities):.4f} to {max(sparsities):.4f} (mean {sum(sparsities) / len(sparsities):.4f}) |
 | ranks | {rank_text} |
-| compressed matrices | {len(layouts)} |
+| compressed matrices | {len(sparsities)} |
 | allocation | {config.allocation} |
-| transformer matching | {f"{config.tm_epochs} epochs, batch {config.tm_batch_size}, lr {config.tm_lr}" if config.transformer_matching else "no"} |
+| transformer matching | {_matching_text(config)} |
 | calibration | {calibration} |
 
 ## Loading
@@ -77,6 +80,13 @@ model = AutoModelForCausalLM.from_pretrained("<this repo>")
 Without it transformers does not know the `slr` method and refuses the checkpoint (a size
 mismatch on the `*.weight` format markers) rather than loading random weights.
 """
+
+
+def _matching_text(config: SLRConfig) -> str:
+    if not config.transformer_matching:
+        return "no"
+    schedule = config.matching_hyperparameters
+    return f"{schedule.epochs} epochs, batch {schedule.batch_size}, lr {schedule.lr}"
 
 
 def save_pretrained(model, save_directory: str | os.PathLike, tokenizer=None, **kwargs) -> Path:
@@ -100,8 +110,6 @@ def save_pretrained(model, save_directory: str | os.PathLike, tokenizer=None, **
         if report:
             (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2))
         if report and report.get("allocation"):
-            from .allocation.plot import plot_allocation
-
             plot_allocation(report["allocation"], tmp / ALLOCATION_PLOT)
         if target.exists():
             backup = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-"))
@@ -150,45 +158,6 @@ def push_to_hub(
         )
 
 
-def information_bound_bytes(model) -> int:
-    """Bytes a lossless encoding of the compressed model needs at the least, by this accounting:
-    untouched tensors + nnz x value bytes + 1 mask bit per element (unstructured) or
-    ceil(log2 M) index bits per kept value (N:M) + U, V (+ bias) bytes. Tied tensors count once."""
-    from .modules import index_bits
-    from .pipeline import compressed_layers
-
-    seen, bits = set(), 0
-    layers = compressed_layers(model)
-    for module in layers.values():
-        value_bits = module.sparse_values.element_size() * 8
-        bits += module.nnz * value_bits + module.U.numel() * module.U.element_size() * 8
-        bits += module.V.numel() * module.V.element_size() * 8
-        if module.bias is not None:
-            bits += module.bias.numel() * module.bias.element_size() * 8
-        if module.nm_pattern is None:
-            bits += module.in_features * module.out_features
-        else:
-            bits += module.nnz * index_bits(module.nm_pattern[1])
-    for name, tensor in model.state_dict().items():
-        if name.rpartition(".")[0] in layers or tensor.data_ptr() in seen:
-            continue
-        seen.add(tensor.data_ptr())
-        bits += tensor.numel() * tensor.element_size() * 8
-    return (bits + 7) // 8
-
-
 def checkpoint_bytes(folder: str | os.PathLike) -> int:
     """Total size of the safetensors files of a saved model."""
     return sum(path.stat().st_size for path in Path(folder).glob("*.safetensors"))
-
-
-def kept_fraction(model) -> float:
-    """(nnz(S) + rank (out + in)) / (out x in), summed over the compressed projections: the share
-    of their parameters the model keeps, S values and U, V counted together."""
-    from .pipeline import compressed_layers
-
-    layers = compressed_layers(model).values()
-    if not layers:
-        raise ValueError("The model has no SLRLinear layer")
-    kept = sum(layer.nnz + layer.rank * (layer.out_features + layer.in_features) for layer in layers)
-    return kept / sum(layer.out_features * layer.in_features for layer in layers)

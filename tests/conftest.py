@@ -3,7 +3,7 @@ import os
 import pytest
 import torch
 
-from hf_slr.testing import tiny_config
+from tiny_models import tiny_config
 
 torch.set_num_threads(int(os.environ.get("HF_SLR_TEST_THREADS", "1")))
 

@@ -2,18 +2,19 @@
 (App. D.1-D.2), annealing (App. A.2), OWL, exact budgets, and owl / learned through the pipeline."""
 
 import itertools
+import dataclasses
 import json
 import math
 
 import pytest
 import torch
-from test_pipeline import TEXTS, tiny_model, tokenizer  # noqa: F401  (tokenizer is a fixture)
+from test_compression import TEXTS, tiny_model, tokenizer  # noqa: F401  (tokenizer is a fixture)
 from transformers import AutoModelForCausalLM
 
 import hf_slr
 from hf_slr import SLRConfig, SLRLinear, algorithms
 from hf_slr.algorithms import Target
-from hf_slr.allocation import check_kwargs, hyperparameters
+from hf_slr.allocation import ALLOCATIONS, check_kwargs
 from hf_slr.allocation.bilevel import (
     annealed_gamma,
     policy_gradient,
@@ -208,10 +209,12 @@ RATIO = {"compression_ratio": 0.5, "rank_ratio": 0.2}
         (dict(allocation="learned", rank=8), "needs `compression_ratio`"),
         (dict(allocation="learned", compression_ratio=0.4, sparsity="2:4"), "unstructured"),
         (dict(RATIO, allocation="owl", allocation_kwargs={"steps": 3}), "allowed: \\['lam'"),
-        (dict(RATIO, allocation="learned", allocation_kwargs={"init": "random"}), "'uniform' or 'owl'"),
+        (dict(RATIO, allocation="learned", allocation_kwargs={"init": "random"}), "one of \\['uniform', 'owl'\\]"),
+        (dict(RATIO, allocation="learned", allocation_kwargs={"lr": float("nan")}), "`allocation_kwargs\\['lr'\\]` of allocation 'learned'"),
+        (dict(RATIO, allocation="owl", allocation_kwargs={"lam": True}), "`allocation_kwargs\\['lam'\\]` of allocation 'owl'"),
         (dict(RATIO, allocation="learned", allocation_kwargs={"steps": 0}), "`allocation_kwargs\\['steps'\\]`"),
         (dict(RATIO, allocation="learned", allocation_kwargs={"xi_warmup": 0.9}), "xi_anneal"),
-        (dict(allocation_kwargs={"lam": 0.1}), "allocation 'uniform' does not take"),
+        (dict(allocation_kwargs={"lam": 0.1}), "allocation 'uniform' must be empty"),
     ],
 )
 def test_invalid_allocation_configs_name_the_field(kwargs, message):
@@ -221,7 +224,9 @@ def test_invalid_allocation_configs_name_the_field(kwargs, message):
 
 def test_every_hyperparameter_is_validated_and_the_cli_passes_them():
     for allocation in ("owl", "learned"):
-        check_kwargs(allocation, hyperparameters(allocation))  # the defaults pass their own checks
+        defaults = check_kwargs(allocation, {})
+        assert isinstance(defaults, ALLOCATIONS[allocation])
+        assert check_kwargs(allocation, dataclasses.asdict(defaults)) == defaults  # the defaults pass their own checks
     args = build_parser().parse_args(
         ["compress", "m", "--method", "qr_rpca", "--out", "o", "--allocation", "learned", "--allocation-kwargs", '{"steps": 3}']
     )
@@ -273,10 +278,9 @@ def test_allocation_meets_the_budget_exactly_saves_its_plot_and_reloads(
     assert len(report["layer_sparsity"]) == 3
     assert sum(report["layer_sparsity"]) / 3 == pytest.approx(0.5, abs=1e-12)
     assert len(report["loss_curve"]) == (FAST_LEARNED["steps"] if allocation == "learned" else 0)
-    layouts = model.config.quantization_config.compressed_modules
-    for name, entry in report["modules"].items():
-        assert (layouts[name]["rank"], layouts[name]["nnz"]) == (entry["rank"], entry["nnz"])
-    assert len({entry["nnz"] for entry in report["modules"].values()}) > 3  # not uniform
+    layers = {name: module for name, module in model.named_modules() if isinstance(module, SLRLinear)}
+    assert sorted(report["modules"]) == sorted(layers)
+    assert len({layer.nnz for layer in layers.values()}) > 3  # not uniform
 
     folder = hf_slr.save_pretrained(model, tmp_path / "compressed", tokenizer=tokenizer)
     assert (folder / "allocation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -292,10 +296,10 @@ def test_learned_allocation_restores_the_dense_weights_before_compressing(tokeni
     dense = tiny_model("llama", layers=3)
     model = _compress("magnitude_svd", "learned", tokenizer, allocation_kwargs=FAST_LEARNED)
     method = algorithms.get("magnitude_svd")
-    for name, entry in model.slr_report["allocation"]["modules"].items():
-        weight = dense.get_submodule(name).weight.detach()
+    for name in model.slr_report["allocation"]["modules"]:
+        weight, layer = dense.get_submodule(name).weight.detach(), model.get_submodule(name)
         numel = weight.numel()
-        target = Target(rank=entry["rank"], sparsity=(numel - entry["nnz"]) / numel)
-        sparse, u, v = method.decompose(weight, None, target)
+        target = Target(rank=layer.rank, sparsity=(numel - layer.nnz) / numel)
+        sparse, u, v = method.run(weight, None, target)
         with torch.no_grad():
             torch.testing.assert_close(model.get_submodule(name).to_dense(), sparse + u @ v)

@@ -12,8 +12,10 @@ from transformers import AutoModelForCausalLM
 
 import hf_slr
 from hf_slr import SLRConfig, SLRLinear
-from hf_slr.modules import pack_bits, unpack_bits
-from hf_slr.serialization import checkpoint_bytes, information_bound_bytes
+from hf_slr.allocation import uniform_target
+from hf_slr.format import pack_bits, unpack_bits
+from hf_slr.integration import information_bound_bytes, kept_fraction
+from hf_slr.serialization import checkpoint_bytes
 
 FAMILIES = ["llama", "qwen2", "opt"]
 
@@ -100,7 +102,7 @@ def test_nm_violation_is_rejected():
 def test_compress_save_reload_identical(tiny_dense_dir, tmp_path, family, sparsity):
     model = _compress(tiny_dense_dir(family), sparsity)
     slr_layers = [m for m in model.modules() if isinstance(m, SLRLinear)]
-    assert len(slr_layers) == len(model.config.quantization_config.compressed_modules) > 0
+    assert len(slr_layers) > 0
     before = _logits(model)
     folder = hf_slr.save_pretrained(model, tmp_path / "slr")
     reloaded, info = AutoModelForCausalLM.from_pretrained(folder, output_loading_info=True)
@@ -122,7 +124,7 @@ def test_bf16_roundtrip(tiny_dense_dir, tmp_path):
 
 def test_reload_does_not_recompress(tiny_dense_dir, tmp_path, monkeypatch):
     folder = hf_slr.save_pretrained(_compress(tiny_dense_dir("llama"), 0.5), tmp_path / "slr")
-    monkeypatch.setattr(hf_slr.pipeline, "compress", lambda *a, **k: pytest.fail("recompressed on reload"))
+    monkeypatch.setattr(hf_slr.compression.driver, "run", lambda *a, **k: pytest.fail("recompressed on reload"))
     AutoModelForCausalLM.from_pretrained(folder)
 
 
@@ -170,7 +172,8 @@ def test_checkpoint_layout_and_model_card(tiny_dense_dir, tmp_path):
         assert {f"{prefix}.U", f"{prefix}.V", f"{prefix}.sparse_values", f"{prefix}.sparse_indices"} <= keys
         assert f.get_tensor(f"{prefix}.sparse_indices").dtype == torch.uint8
         assert f.get_slice(f"{prefix}.sparse_values").get_shape() == [64, 32]
-        assert f.metadata()["slr_format_version"] == "1"
+        assert f.metadata()["slr_format_version"] == "2"
+        assert f.get_tensor(f"{prefix}.weight").tolist() == [2, 2, 4]  # the module record: version, N, M
     assert not list(tmp_path.glob(".slr.tmp-*")), "temporary folder left behind"
 
 
@@ -186,7 +189,6 @@ def test_checkpoint_is_near_information_bound(tiny_dense_dir, tmp_path):
 
 def test_kept_fraction_and_info_count_s_and_factors(tiny_dense_dir, tmp_path):
     from hf_slr.cli import main
-    from hf_slr.serialization import kept_fraction
 
     model = _compress(tiny_dense_dir("llama"), 0.5, rank=4)
     shapes = [(m.out_features, m.in_features) for m in model.modules() if isinstance(m, SLRLinear)]
@@ -253,7 +255,7 @@ def test_config_roundtrip_exact():
         modules_to_not_convert=["k_proj"],
         method_kwargs={"scope": "row"},
         storage_dtype="bfloat16",
-        compressed_modules={"model.layers.0.mlp.up_proj": {"rank": 3, "nnz": 10, "sparsity": 0.75}},
+        tm_kwargs={"epochs": 3},
     )
     data = config.to_dict()
     assert data["quant_method"] == "slr"
@@ -277,9 +279,26 @@ def test_config_roundtrip_exact():
     ],
 )
 def test_budget_formulas(shape, kwargs, expected):
-    rank, sparsity = SLRConfig(**kwargs).budget(*shape)
-    assert rank == expected[0]
-    assert sparsity == pytest.approx(expected[1], abs=1e-12)
+    target = uniform_target(*shape, SLRConfig(**kwargs))
+    assert target.rank == expected[0]
+    assert target.sparsity == pytest.approx(expected[1], abs=1e-12)
+
+
+def test_legacy_fields_of_format_1_configs_are_read():
+    config = SLRConfig(tm_epochs=3, tm_lr=1e-3, compressed_modules={"a": {"rank": 1, "nnz": 2, "sparsity": 0.5}})
+    assert config.tm_kwargs == {"epochs": 3, "lr": 1e-3}
+    assert "compressed_modules" not in config.to_dict() and "tm_epochs" not in config.to_dict()
+
+
+def test_the_library_never_writes_into_the_callers_config(tiny_dense_dir):
+    config = SLRConfig(method="magnitude_svd", sparsity=0.5, rank=4)
+    before = config.to_dict()
+    first = AutoModelForCausalLM.from_pretrained(tiny_dense_dir("llama"), quantization_config=config)
+    second = hf_slr.compress(AutoModelForCausalLM.from_pretrained(tiny_dense_dir("qwen2")), config)
+    assert config.to_dict() == before
+    assert first.config.quantization_config is not config and second.config.quantization_config is not config
+    assert first.config.quantization_config.base_model == "dense-llama"  # a local path: its folder name only
+    assert second.config.quantization_config.base_model == "dense-qwen2"
 
 
 INVALID_CONFIGS = [
@@ -300,11 +319,13 @@ INVALID_CONFIGS = [
     (dict(n_samples=0), "`n_samples` must be an int > 0"),
     (dict(seq_len="long"), "`seq_len` must be an int > 0"),
     (dict(storage_dtype="int8"), "`storage_dtype` must be one of"),
-    (dict(method_kwargs={"iterations": 3}), "does not take"),
+    (dict(method_kwargs={"iterations": 3}), "`method_kwargs` of method 'magnitude_svd' has unknown name"),
     (dict(allocation="random"), "`allocation` must be one of"),
-    (dict(tm_lr=0), "`tm_lr` must be a float > 0"),
+    (dict(tm_lr=0), "`tm_kwargs\\['lr'\\]` of transformer matching must be a finite float > 0"),
+    (dict(tm_lr=float("inf")), "`tm_kwargs\\['lr'\\]`"),
+    (dict(tm_kwargs={"epochs": 0}), "`tm_kwargs\\['epochs'\\]` of transformer matching must be an int >= 1"),
+    (dict(compression_ratio=float("nan"), rank_ratio=0.3), "`compression_ratio` must be a float in \\(0, 1\\)"),
     (dict(dataset=3), "`dataset` must be"),
-    (dict(compressed_modules={"a": {"rank": -1, "nnz": 3}}), "compressed_modules\\['a'\\]"),
     (dict(learning_rate=1e-3), "unknown fields \\['learning_rate'\\]"),
 ]
 
@@ -313,34 +334,3 @@ INVALID_CONFIGS = [
 def test_invalid_config_names_field(kwargs, message):
     with pytest.raises(ValueError, match=message):
         SLRConfig(**kwargs)
-
-
-def _edit_config(folder, edit):
-    path = folder / "config.json"
-    data = json.loads(path.read_text())
-    edit(data["quantization_config"])
-    path.write_text(json.dumps(data))
-
-
-def test_invalid_checkpoints(tiny_dense_dir, tmp_path):
-    folder = hf_slr.save_pretrained(_compress(tiny_dense_dir("llama"), 0.5), tmp_path / "slr")
-    original = (folder / "config.json").read_text()
-
-    _edit_config(folder, lambda q: q.pop("compressed_modules"))
-    with pytest.raises(ValueError, match="no `compressed_modules`"):
-        AutoModelForCausalLM.from_pretrained(folder)
-
-    (folder / "config.json").write_text(original)
-    _edit_config(folder, lambda q: q["compressed_modules"].update({"model.layers.9.mlp.up_proj": {"rank": 1, "nnz": 1}}))
-    with pytest.raises(ValueError, match="not Linear layers of this model"):
-        AutoModelForCausalLM.from_pretrained(folder)
-
-    (folder / "config.json").write_text(original)
-    _edit_config(folder, lambda q: q["compressed_modules"]["model.layers.0.mlp.up_proj"].update(rank=5))
-    with pytest.raises(RuntimeError, match="mismatch"):
-        AutoModelForCausalLM.from_pretrained(folder)
-
-    (folder / "config.json").write_text(original)
-    _edit_config(folder, lambda q: q.update(sparsity="3:7"))
-    with pytest.raises(ValueError, match="divisible by 7"):
-        AutoModelForCausalLM.from_pretrained(folder)

@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 import hf_slr
 from hf_slr.peft import SLRLoraLinear, get_slr_peft_model, load_slr_peft_model
-from hf_slr.testing import tiny_config
+from tiny_models import tiny_config
 
 RANK = 4
 SPARSITIES = [0.5, "2:4"]
@@ -104,8 +104,7 @@ def test_merge_save_and_reload(dense_dir, ids, tmp_path, sparsity, mode, r, merg
     merged = peft_model.merge_and_unload()
     layers = slr_layers(merged)
     assert not any(isinstance(module, SLRLoraLinear) for module in merged.modules())
-    layouts = merged.config.quantization_config.compressed_modules
-    assert {name: layout["rank"] for name, layout in layouts.items()} == dict.fromkeys(layers, merged_rank)
+    assert {name: layer.rank for name, layer in layers.items()} == dict.fromkeys(layers, merged_rank)
     assert (logits(merged, ids) - tuned).abs().max() <= 1e-5
 
     hf_slr.save_pretrained(merged, tmp_path / "merged")

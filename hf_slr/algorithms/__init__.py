@@ -1,19 +1,33 @@
-"""Layer-wise S + LR algorithms, one module per method, discovered by name.
+"""Layer-wise S + LR algorithms, one module per method, each declaring itself.
 
-A module that defines ``decompose(weight, hessian, target, **hyper)`` is a method named after its
-file; ``NEEDS_HESSIAN = False`` marks data-free methods. Helper modules (projections, low-rank
-solvers) define no ``decompose``.
+A module that defines ``ALGORITHM = Algorithm(name, needs_hessian, hyperparameters, decompose,
+paper)`` is a registered method (its ``name`` is its file name). Helper modules (projections,
+low-rank solvers, the alternating loop, the hyperparameter machinery) define none.
+
+    algorithm = algorithms.get("oats")
+    record = algorithm.check({"iterations": 40})          # ValueError on a bad name, type or range
+    sparse, u, v = result = algorithm.run(weight, hessian, target, record)
+    result.history                                         # objective per iteration
 """
 
 from __future__ import annotations
 
 import importlib
-import inspect
 import pkgutil
 
-from .base import Algorithm, Target
+from .base import Algorithm, Decomposition, Target
+from .hyperparameters import check_hyperparameters, describe_hyperparameters, hyperparameter
 
-__all__ = ["Algorithm", "Target", "available", "get", "hyperparameters"]
+__all__ = [
+    "Algorithm",
+    "Decomposition",
+    "Target",
+    "available",
+    "check_hyperparameters",
+    "describe_hyperparameters",
+    "get",
+    "hyperparameter",
+]
 
 _REGISTRY: dict[str, Algorithm] | None = None
 
@@ -23,13 +37,14 @@ def _discover() -> dict[str, Algorithm]:
     if _REGISTRY is None:
         found = {}
         for info in pkgutil.iter_modules(__path__):
-            if info.name.startswith("_") or info.name == "base":
+            if info.name.startswith("_"):
                 continue
             module = importlib.import_module(f"{__name__}.{info.name}")
-            if hasattr(module, "decompose"):
-                found[info.name] = Algorithm(
-                    info.name, module.decompose, getattr(module, "NEEDS_HESSIAN", True)
-                )
+            algorithm = getattr(module, "ALGORITHM", None)
+            if isinstance(algorithm, Algorithm):
+                if algorithm.name != info.name:
+                    raise RuntimeError(f"{module.__name__}.ALGORITHM is named {algorithm.name!r}, not {info.name!r}")
+                found[info.name] = algorithm
         _REGISTRY = dict(sorted(found.items()))
     return _REGISTRY
 
@@ -45,13 +60,3 @@ def get(name: str) -> Algorithm:
     if name not in registry:
         raise ValueError(f"Unknown method {name!r}; allowed values: {sorted(registry)}")
     return registry[name]
-
-
-def hyperparameters(name: str) -> dict[str, object]:
-    """The keyword hyperparameters of method ``name`` with their defaults."""
-    signature = inspect.signature(get(name).decompose)
-    return {
-        p.name: p.default
-        for p in signature.parameters.values()
-        if p.kind is inspect.Parameter.KEYWORD_ONLY
-    }

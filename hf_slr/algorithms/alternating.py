@@ -1,6 +1,8 @@
 """Alternating minimisation of ||(W - S - L) D||_F in the D-scaled space, D = sqrt(diag H).
 
-Shared by OATS (004 §4.2.2, Corollary 4.2) and SSLC (001 eq. 3-8): with W~ = W D,
+Shared by OATS ("OATS: Outlier-Aware Pruning Through Sparse and Low Rank Decomposition", Zhang &
+Papyan, 2025; HASSLE-free 004 §4.2.2, Corollary 4.2) and SSLC ("1+1>2: A Synergistic Sparse and
+Low-Rank Compression Method for Large Language Models", Zong et al., 2025; 001 eq. 3-8): with W~ = W D,
     L~_t = low-rank approximation of (W~ - S~_{t-1}),   S~_t = projection of (W~ - L~_t) onto the sparsity set,
 then S = S~ D^-1 and L = L~ D^-1. Both steps are exact minimisers of the scaled objective when the
 low-rank step is (no worse than keeping L~_{t-1}), so it never increases (001 App. A eq. 12-14).
@@ -12,7 +14,7 @@ from typing import Callable
 
 import torch
 
-from .base import Target, relative_objective
+from .base import Decomposition, Target, relative_objective
 from .lowrank import input_norms
 from .projections import sparsity_mask
 
@@ -29,9 +31,10 @@ def scaled_alternating_minimization(
     low_rank_step: LowRankStep,
     scope: str,
     preserved: torch.Tensor | None = None,
-    history: list[float] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Run ``iterations`` alternations (L step, then S step) and return unscaled (S, U, V).
+    record_history: bool = True,
+) -> Decomposition:
+    """Run ``iterations`` (>= 1) alternations (L step, then S step) and return unscaled (S, U, V),
+    with the relative objective after every alternation when ``record_history``.
 
     ``preserved`` (bool [out, in], a subset of a feasible mask) marks weights kept as they are in S and
     excluded from the decomposition (001 §4.2.3): the alternation fits W with them zeroed, and the
@@ -43,13 +46,13 @@ def scaled_alternating_minimization(
     kept_as_is = torch.zeros_like(weight) if preserved is None else weight * preserved
     scaled = (weight - kept_as_is) * scale
     sparse = torch.zeros_like(scaled)
-    v = None
+    v, history = None, []
     for _ in range(iterations if target.rank > 0 else 1):
         u, v = low_rank_step(scaled - sparse, v)
         residual = scaled - u @ v
         scores = residual.abs()
         keep = sparsity_mask(scores if preserved is None else scores.masked_fill(preserved, torch.inf), target, scope)
         sparse = residual * (keep if preserved is None else keep & ~preserved)
-        if history is not None:
+        if record_history:
             history.append(relative_objective(weight, kept_as_is + sparse / scale, u, v / scale, hessian))
-    return kept_as_is + sparse / scale, u, v / scale
+    return Decomposition(kept_as_is + sparse / scale, u, v / scale, tuple(history))

@@ -1,23 +1,34 @@
 """The one contract every layer-wise algorithm follows.
 
-An algorithm is a function ``decompose(weight, hessian, target, **hyper) -> (S, U, V)``:
+Every method module declares ``ALGORITHM = Algorithm(name, needs_hessian, hyperparameters,
+decompose, paper)``; :meth:`Algorithm.run` is the public entry:
+
+    result = algorithms.get("oats").run(weight, hessian, target, {"iterations": 40})
+    sparse, u, v = result            # result.history: the objective after every iteration
 
 - ``weight``: the dense matrix W, float32 (or float64), shape [out, in];
 - ``hessian``: H = X^T X accumulated over the calibration tokens, float32, shape [in, in]
   (``None`` for data-free methods; such methods set ``needs_hessian = False``);
 - ``target``: the :class:`Target` the result must satisfy exactly;
-- returns S [out, in] (zeros outside its support), U [out, r], V [r, in], all in W's dtype.
+- ``hyperparameters``: ``None`` (paper defaults), a dict (validated by
+  :func:`hyperparameters.check_hyperparameters`) or the method's record instance;
+- returns a :class:`Decomposition`: S [out, in] (zeros outside its support), U [out, r], V [r, in],
+  and the per-iteration ``history`` of :func:`relative_objective` (empty for one-shot methods).
 
-This package is pure tensor math: it imports torch only.
+A module's ``decompose(weight, hessian, target, hyperparameters, record_history)`` receives the
+validated record. This package is pure tensor math: it imports torch and the standard library only.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, field, is_dataclass
+from types import MappingProxyType
+from typing import Any, Callable, Mapping
 
 import torch
+
+from .hyperparameters import check_hyperparameters, hyperparameter_values
 
 
 @dataclass(frozen=True)
@@ -58,16 +69,88 @@ class Target:
         return numel - int(math.floor(self.sparsity * numel + 1e-6))
 
 
-Decompose = Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+@dataclass(frozen=True, eq=False)
+class Decomposition:
+    """The result of a method: W ~ S + U V, plus what the method recorded on the way.
+
+    ``history`` holds :func:`relative_objective` after every iteration of an iterative method
+    (the undamped H it was given; empty for one-shot methods or with ``record_history=False``).
+    ``diagnostics`` holds method-specific per-iteration series (3BASiL: ``"primal_residual"``).
+    Iterating yields ``(sparse, u, v)``, so ``S, U, V = result`` works.
+    """
+
+    sparse: torch.Tensor
+    u: torch.Tensor
+    v: torch.Tensor
+    history: tuple[float, ...] = ()
+    diagnostics: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
+
+    def __post_init__(self):
+        object.__setattr__(self, "history", tuple(float(h) for h in self.history))
+        series = {key: tuple(float(x) for x in values) for key, values in self.diagnostics.items()}
+        object.__setattr__(self, "diagnostics", MappingProxyType(series))
+
+    def __iter__(self):
+        return iter((self.sparse, self.u, self.v))
+
+
+# decompose(weight, hessian, target, hyperparameters record, record_history) -> Decomposition
+Decompose = Callable[[torch.Tensor, "torch.Tensor | None", Target, Any, bool], Decomposition]
 
 
 @dataclass(frozen=True)
 class Algorithm:
-    """A registered method: its function and whether it needs calibration statistics."""
+    """A registered method: its name, whether it needs calibration statistics, its hyperparameter
+    record type (a frozen dataclass of ``hyperparameters.hyperparameter`` fields), its
+    ``decompose`` function and the paper it implements (title, authors, year)."""
 
     name: str
-    decompose: Decompose
     needs_hessian: bool
+    hyperparameters: type
+    decompose: Decompose
+    paper: str
+
+    def __post_init__(self):
+        if not (isinstance(self.hyperparameters, type) and is_dataclass(self.hyperparameters)):
+            raise TypeError(f"Algorithm {self.name!r}: hyperparameters must be a dataclass type")
+
+    def defaults(self):
+        """The record of paper defaults."""
+        return self.hyperparameters()
+
+    def check(self, kwargs: Mapping[str, Any] | None):
+        """The validated record of ``kwargs`` (a dict, or a record of this method, re-checked);
+        ``ValueError`` naming this method, the field, its allowed values and the bad value."""
+        if isinstance(kwargs, self.hyperparameters):
+            kwargs = hyperparameter_values(kwargs)
+        elif is_dataclass(kwargs) and not isinstance(kwargs, type):
+            raise ValueError(
+                f"method {self.name!r} takes a dict or a {self.hyperparameters.__name__}, got a {type(kwargs).__name__}"
+            )
+        return check_hyperparameters(f"method {self.name!r}", self.hyperparameters, kwargs, field_label="method_kwargs")
+
+    def run(
+        self,
+        weight: torch.Tensor,
+        hessian: torch.Tensor | None,
+        target: Target,
+        hyperparameters=None,
+        *,
+        record_history: bool = True,
+    ) -> Decomposition:
+        """Decompose ``weight`` for ``target`` with ``hyperparameters`` (None: the paper defaults;
+        a dict or a record: validated by :meth:`check`). ``record_history=False`` skips computing
+        the per-iteration objective (one extra [out, in] x [in, in] product per iteration)."""
+        record = self.check(hyperparameters)
+        if not isinstance(target, Target):
+            raise ValueError(f"method {self.name!r}: target must be a Target, got {type(target).__name__}")
+        if weight.ndim != 2:
+            raise ValueError(f"method {self.name!r}: weight must be a matrix [out, in], got shape {tuple(weight.shape)}")
+        if hessian is not None and tuple(hessian.shape) != (weight.shape[1],) * 2:
+            raise ValueError(
+                f"method {self.name!r}: hessian must be [in, in] = {(weight.shape[1],) * 2}, got {tuple(hessian.shape)}"
+            )
+        return self.decompose(weight, hessian, target, record, record_history)
 
 
 def relative_objective(

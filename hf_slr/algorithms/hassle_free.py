@@ -1,11 +1,14 @@
-"""HASSLE-free (004 Algorithms 1-2): alternating minimisation of the layer objective (004 eq. 1).
+"""HASSLE-free: alternating minimisation of the layer objective (004 eq. 1).
+
+"HASSLE-free: A unified Framework for Sparse plus Low-Rank Matrix Decomposition for LLMs" (Makni,
+Behdin, Xu, Ponomareva & Mazumder, 2025; seed 004, Algorithms 1-2).
 
 With H = X^T X + lambda I, lambda = 0.01 mean(diag X^T X) (004 A.2, SparseGPT's damping), every
 outer iteration solves
     (P1, eq. 4)  S = SparseGPT(W - U V) with the fixed H^-1 (its Cholesky factor computed once);
     (P2, eq. 5)  U V ~ W - S, either
       - "closed_form": the reduced-rank regression L = P_r((W - S) H^1/2) H^-1/2 (002 eq. 4; the
-        "improved implementation" of 002 §4.1 / App. B, whose numbers BENCHMARKS.md reports), or
+        "improved implementation" of 3BASiL (Makni, Meng & Mazumder, 2025; 002 §4.1 / App. B), whose numbers BENCHMARKS.md reports), or
       - "gd": Low-Rank-GD (004 Alg. 1): T_LR = 50 Adam steps at eta_t = 1e-2 / (t + 10) on U and
         the diagonally rescaled V~ = V D of 004 eq. 7 (D = sqrt(diag H), H~ = D^-1 H D^-1 has a
         unit diagonal), warm-started from the previous (U, V); 004 Alg. 2 starts from U = 0 on
@@ -19,13 +22,43 @@ the CPU time (benchmarks/layerwise_objective.py; 002 Table 6 finds the same orde
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from .base import Target, relative_objective
+from .base import Algorithm, Decomposition, Target, relative_objective
+from .hyperparameters import SEED_RANGE, hyperparameter
 from .lowrank import WhitenedLowRank, damp_hessian, pad_factors
+from .projections import SCOPES
 from .sparsegpt import inverse_hessian_cholesky, sparsegpt_prune
 
-__all__ = ["decompose"]
+__all__ = ["ALGORITHM", "HassleFreeHyperparameters", "decompose"]
+
+LOWRANK_STEPS = ("gd", "closed_form")
+
+
+@dataclass(frozen=True)
+class HassleFreeHyperparameters:
+    """Hyperparameters of HASSLE-free (paper defaults; 004 A.2)."""
+
+    iterations: int = hyperparameter(80, low=1, doc="outer alternations T_AM (004 A.2, OATS' default)")
+    lowrank_step: str = hyperparameter(
+        "closed_form", choices=LOWRANK_STEPS, doc="(P2) solver: exact reduced-rank regression or Low-Rank-GD (Adam)"
+    )
+    lowrank_iterations: int = hyperparameter(50, low=1, doc="Adam steps T_LR per outer iteration ('gd' only)")
+    learning_rate: float = hyperparameter(
+        1e-2, low=0.0, low_open=True, doc="Adam step eta; step t uses eta / (t + 10) ('gd' only)"
+    )
+    percdamp: float = hyperparameter(
+        0.01, low=0.0, low_open=True, doc="H + lambda I, lambda = percdamp * mean(diag H) (SparseGPT's damping)"
+    )
+    blocksize: int = hyperparameter(128, low=1, doc="SparseGPT's lazy-update block width")
+    scope: str = hyperparameter("matrix", choices=SCOPES, doc="SparseGPT's budget per matrix or per row")
+    power_iterations: int = hyperparameter(
+        1, low=0, doc="power steps of the warm-started randomized SVD ('closed_form'; 2q + 1 at the first iteration)"
+    )
+    oversampling: int = hyperparameter(8, low=0, doc="randomized-SVD sketch = rank + oversampling ('closed_form')")
+    seed: int = hyperparameter(0, **SEED_RANGE, doc="seed of the sketch ('closed_form') or of U_0 ('gd')")
 
 
 def _adam_low_rank(
@@ -55,19 +88,9 @@ def decompose(
     weight: torch.Tensor,
     hessian: torch.Tensor,
     target: Target,
-    *,
-    iterations: int = 80,
-    lowrank_step: str = "closed_form",
-    lowrank_iterations: int = 50,
-    learning_rate: float = 1e-2,
-    percdamp: float = 0.01,
-    blocksize: int = 128,
-    scope: str = "matrix",
-    power_iterations: int = 1,
-    oversampling: int = 8,
-    seed: int = 0,
-    history: list | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    hyperparameters: HassleFreeHyperparameters,
+    record_history: bool = True,
+) -> Decomposition:
     """HASSLE-free with SparseGPT for (P1) and ``lowrank_step`` for (P2), ``iterations`` = T_AM.
 
     ``lowrank_iterations`` (T_LR) and ``learning_rate`` (eta) apply to "gd"; ``power_iterations``
@@ -76,7 +99,9 @@ def decompose(
     damped objective is returned (as in the authors' code for "gd"; "closed_form" does not increase
     the objective in its low-rank step, so it returns the last one).
     """
-    if lowrank_step not in ("gd", "closed_form"):
+    hp = hyperparameters
+    lowrank_step, percdamp, seed = hp.lowrank_step, hp.percdamp, hp.seed
+    if lowrank_step not in LOWRANK_STEPS:
         raise ValueError(f"lowrank_step must be 'gd' or 'closed_form', got {lowrank_step!r}")
     weight32 = weight.float()
     out_features, in_features = weight.shape
@@ -89,7 +114,7 @@ def decompose(
     if lowrank_step == "closed_form":
         eigenvalues, eigenvectors = torch.linalg.eigh(damped)
         sqrt_lam = eigenvalues.clamp_min(1e-12 * eigenvalues.max()).sqrt().float()
-        sketch = min(rank + oversampling, out_features, in_features)
+        sketch = min(rank + hp.oversampling, out_features, in_features)
         low_rank = WhitenedLowRank(eigenvectors.float(), sqrt_lam, out_features, rank, sketch, generator)
     else:
         scale = damped.diagonal().sqrt()
@@ -98,28 +123,28 @@ def decompose(
         u = torch.randn(out_features, rank, generator=generator).to(weight32)  # output side: Gaussian
         best = (float("inf"), None)
 
-    sparse = weight32
-    for t in range(1, iterations + 1):
-        sparse = sparsegpt_prune(weight32 - u @ v, factor, target, blocksize, scope)
+    sparse, history = weight32, []
+    for t in range(1, hp.iterations + 1):
+        sparse = sparsegpt_prune(weight32 - u @ v, factor, target, hp.blocksize, hp.scope)
         residual = weight32 - sparse
         if lowrank_step == "closed_form":
-            low_rank.fit(residual, power_iterations=power_iterations if t > 1 else 2 * power_iterations + 1)
+            low_rank.fit(residual, power_iterations=hp.power_iterations if t > 1 else 2 * hp.power_iterations + 1)
             u, v = low_rank.u, low_rank.v()
         else:
             residual = residual * scale
             residual_hessian = residual @ rescaled
             u, v_scaled = _adam_low_rank(residual_hessian, rescaled, u, v * scale,
-                                         lowrank_iterations, learning_rate / (t + 10))
+                                         hp.lowrank_iterations, hp.learning_rate / (t + 10))
             v = v_scaled / scale
             objective = _rescaled_objective(residual, residual_hessian, rescaled, u, v_scaled)
             if objective < best[0]:
                 best = (objective, (sparse, u, v))
-        if history is not None:
+        if record_history:
             history.append(relative_objective(weight32, sparse, u, v, hessian))
     if lowrank_step == "gd":
         sparse, u, v = best[1]
     u, v = pad_factors(u, v, target.rank)
-    return sparse.to(weight.dtype), u.to(weight.dtype), v.to(weight.dtype)
+    return Decomposition(sparse.to(weight.dtype), u.to(weight.dtype), v.to(weight.dtype), tuple(history))
 
 
 def _rescaled_objective(residual, residual_hessian, rescaled, u, v) -> float:
@@ -127,3 +152,13 @@ def _rescaled_objective(residual, residual_hessian, rescaled, u, v) -> float:
     cross = ((u.T @ residual_hessian) * v).sum()
     quadratic = ((u.T @ u) * (v @ rescaled @ v.T)).sum()
     return float((residual * residual_hessian).sum() - 2 * cross + quadratic)
+
+
+ALGORITHM = Algorithm(
+    name="hassle_free",
+    needs_hessian=True,
+    hyperparameters=HassleFreeHyperparameters,
+    decompose=decompose,
+    paper="HASSLE-free: A unified Framework for Sparse plus Low-Rank Matrix Decomposition for LLMs "
+    "(Makni, Behdin, Xu, Ponomareva & Mazumder, 2025)",
+)

@@ -1,14 +1,29 @@
-"""Magnitude pruning: keep the largest |W| (004 §4.1.1: the optimum of the layer objective for H = I)."""
+"""Magnitude pruning: keep the largest |W|, rank 0.
+
+Magnitude pruning (Han, Pool, Tran & Dally, 2015: "Learning both Weights and Connections for
+Efficient Neural Networks"); HASSLE-free (Makni et al., 2025) §4.1.1 shows it is the optimum of the
+layer objective for H = I.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from .base import Target
+from .base import Algorithm, Decomposition, Target
+from .hyperparameters import hyperparameter
 from .lowrank import zero_factors
-from .projections import sparsity_mask
+from .projections import SCOPES, sparsity_mask
 
-NEEDS_HESSIAN = False
+
+@dataclass(frozen=True)
+class MagnitudeHyperparameters:
+    """Hyperparameters of magnitude pruning."""
+
+    scope: str = hyperparameter(
+        "matrix", choices=SCOPES, doc="top-|W| over the whole matrix (the H = I optimum) or per output row"
+    )
 
 
 def magnitude_prune(weight: torch.Tensor, target: Target, scope: str) -> torch.Tensor:
@@ -20,10 +35,19 @@ def decompose(
     weight: torch.Tensor,
     hessian: torch.Tensor | None,
     target: Target,
-    *,
-    scope: str = "matrix",
-    history: list[float] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    hyperparameters: MagnitudeHyperparameters,
+    record_history: bool = True,
+) -> Decomposition:
     """S = HT(W) over the whole matrix (``scope="matrix"``, the H = I optimum) or per row; U, V = 0."""
     weight = weight.float()
-    return (magnitude_prune(weight, target, scope), *zero_factors(*weight.shape, target.rank, weight))
+    sparse = magnitude_prune(weight, target, hyperparameters.scope)
+    return Decomposition(sparse, *zero_factors(*weight.shape, target.rank, weight))
+
+
+ALGORITHM = Algorithm(
+    name="magnitude",
+    needs_hessian=False,
+    hyperparameters=MagnitudeHyperparameters,
+    decompose=decompose,
+    paper="Learning both Weights and Connections for Efficient Neural Networks (Han, Pool, Tran & Dally, 2015)",
+)

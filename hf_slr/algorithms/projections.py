@@ -10,7 +10,10 @@ import torch
 
 from .base import Target
 
-__all__ = ["mask_topk_per_row", "mask_topk_matrix", "mask_nm", "sparsity_mask", "SupportProjector"]
+__all__ = ["SCOPES", "mask_topk_per_row", "mask_topk_matrix", "mask_nm", "sparsity_mask", "SupportProjector"]
+
+# Comparison groups of unstructured sparsity: every output row keeps its share, or the whole matrix.
+SCOPES = ("row", "matrix")
 
 
 def _keep_indices(scores: torch.Tensor, kept: int, dim: int) -> torch.Tensor:

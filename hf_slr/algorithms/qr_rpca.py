@@ -1,4 +1,7 @@
-"""QR-based RPCA (000 App. C.3, Algorithm 2): S + L with one QR per iteration instead of an SVD.
+"""QR-based RPCA: S + L with one QR per iteration instead of an SVD.
+
+"Compress Large Language Models via Collaboration Between Learning and Matrix Approximation"
+(NeurIPS 2025; seed 000 App. C.3, Algorithm 2).
 
 From S_0 = 0 and a Gaussian V_0 [r, in], every iteration does
     A = (W - S) V^T,  A = Q R,  U = Q,  V = Q^T (W - S),  S = P_Omega(W - U V)
@@ -22,13 +25,28 @@ iterations by default (000 Table 6; 20 inside the bilevel loop, where ``init`` i
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from .base import Target, relative_objective
+from .base import Algorithm, Decomposition, Target, relative_objective
+from .hyperparameters import SEED_RANGE, hyperparameter
 from .lowrank import pad_factors, bilateral_random_projection, input_norms
-from .projections import SupportProjector
+from .projections import SCOPES, SupportProjector
 
-__all__ = ["decompose"]
+__all__ = ["ALGORITHM", "QRRPCAHyperparameters", "decompose"]
+
+
+@dataclass(frozen=True)
+class QRRPCAHyperparameters:
+    """Hyperparameters of QR-RPCA (paper defaults)."""
+
+    iterations: int = hyperparameter(80, low=1, doc="QR + projection steps (000 Table 6; 20 inside the bilevel loop)")
+    scaling: str = hyperparameter(
+        "activation", choices=("activation", "none"), doc="run on W D, D = sqrt(diag H) ('activation') or on W ('none')"
+    )
+    scope: str = hyperparameter("matrix", choices=SCOPES, doc="support of S per matrix (000's budget K) or per row")
+    seed: int = hyperparameter(0, **SEED_RANGE, doc="seed of the Gaussian rows of V_0")
 
 
 def _initial_row_space(
@@ -45,40 +63,51 @@ def decompose(
     weight: torch.Tensor,
     hessian: torch.Tensor | None,
     target: Target,
+    hyperparameters: QRRPCAHyperparameters,
+    record_history: bool = True,
     *,
-    iterations: int = 80,
-    scaling: str = "activation",
-    scope: str = "matrix",
     init: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-    seed: int = 0,
-    history: list | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> Decomposition:
     """000 Algorithm 2 for ``iterations`` steps on W D (``scaling="activation"``) or W ("none").
 
     P_Omega keeps the K largest |W D - U V| of the matrix (``scope="matrix"``: 000's budget K is
     per matrix, and it reaches lower objectives than OATS' per-row choice ``"row"`` on SmolLM2);
-    N:M targets keep N of every M along the input dimension.
+    N:M targets keep N of every M along the input dimension. ``init = (S, U, V)`` warm-starts from
+    a previous solution (a direct-call argument, not a hyperparameter: the bilevel allocation uses it).
     """
-    if scaling not in ("activation", "none"):
-        raise ValueError(f"scaling must be 'activation' or 'none', got {scaling!r}")
-    if scaling == "activation" and hessian is None:
+    hp = hyperparameters
+    if hp.scaling not in ("activation", "none"):
+        raise ValueError(f"scaling must be 'activation' or 'none', got {hp.scaling!r}")
+    if hp.scaling == "activation" and hessian is None:
         raise ValueError("scaling='activation' needs the Hessian (diag H = ||X_j||^2)")
     w = weight.float()
     out_features, in_features = w.shape
-    scale = input_norms(hessian).to(w) if scaling == "activation" else torch.ones(in_features).to(w)
+    scale = input_norms(hessian).to(w) if hp.scaling == "activation" else torch.ones(in_features).to(w)
     w_scaled = w * scale
     rank = min(target.rank, out_features, in_features)
-    generator = torch.Generator().manual_seed(seed)
-    sparse = w.new_zeros(w.shape) if init is None else init[0].to(w) * scale
-    v = _initial_row_space(None if init is None else init[2].to(w) * scale, rank, in_features, w, generator)
+    generator = torch.Generator().manual_seed(hp.seed)
+    init_sparse, _, init_v = (None, None, None) if init is None else init  # a tuple or a Decomposition
+    sparse = w.new_zeros(w.shape) if init is None else init_sparse.to(w) * scale
+    v = _initial_row_space(None if init is None else init_v.to(w) * scale, rank, in_features, w, generator)
     u = w.new_zeros(out_features, rank)
-    project = SupportProjector(target, scope)
-    for _ in range(iterations):
+    project = SupportProjector(target, hp.scope)
+    history = []
+    for _ in range(hp.iterations):
         if rank > 0:
             u, v = bilateral_random_projection(w_scaled - sparse, rank, test_matrix=v.T)
         residual = w_scaled - u @ v
         sparse = residual * project(residual.abs())
-        if history is not None:
+        if record_history:
             history.append(relative_objective(w, sparse / scale, u, v / scale, hessian))
     u, v = pad_factors(u, v / scale, target.rank)
-    return (sparse / scale).to(weight.dtype), u.to(weight.dtype), v.to(weight.dtype)
+    return Decomposition((sparse / scale).to(weight.dtype), u.to(weight.dtype), v.to(weight.dtype), tuple(history))
+
+
+ALGORITHM = Algorithm(
+    name="qr_rpca",
+    needs_hessian=True,
+    hyperparameters=QRRPCAHyperparameters,
+    decompose=decompose,
+    paper="Compress Large Language Models via Collaboration Between Learning and Matrix Approximation "
+    "(NeurIPS 2025), App. C.3, Algorithm 2",
+)

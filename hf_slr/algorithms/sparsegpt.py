@@ -1,4 +1,7 @@
-"""SparseGPT (Frantar & Alistarh 2023, Alg. 1): OBS pruning with lazy blocked updates, rank 0.
+"""SparseGPT: OBS pruning with lazy blocked updates, rank 0.
+
+"SparseGPT: Massive Language Models Can Be Accurately Pruned in One-Shot" (Frantar & Alistarh,
+2023), Algorithm 1.
 
 Columns are processed left to right; pruning w_ij adds the OBS correction -(w_ij / [H^-1]_jj) H^-1_j,:
 to the columns not yet processed, with H^-1 represented by the upper Cholesky factor of the damped
@@ -9,13 +12,29 @@ or per group of M columns for N:M.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from .base import Target
+from .base import Algorithm, Decomposition, Target
+from .hyperparameters import hyperparameter
 from .lowrank import damp_hessian, zero_factors
-from .projections import mask_nm, mask_topk_matrix, mask_topk_per_row
+from .projections import SCOPES, mask_nm, mask_topk_matrix, mask_topk_per_row
 
-__all__ = ["inverse_hessian_cholesky", "sparsegpt_prune", "decompose"]
+__all__ = ["ALGORITHM", "SparseGPTHyperparameters", "inverse_hessian_cholesky", "sparsegpt_prune", "decompose"]
+
+
+@dataclass(frozen=True)
+class SparseGPTHyperparameters:
+    """Hyperparameters of SparseGPT (paper defaults)."""
+
+    percdamp: float = hyperparameter(
+        0.01, low=0.0, low_open=True,
+        doc="damping lambda = percdamp * mean(diag H); > 0 so that a singular H (dead channels) factorises",
+    )
+    blocksize: int = hyperparameter(128, low=1, doc="columns per lazy-update block (adaptive mask selection)")
+    scope: str = hyperparameter("matrix", choices=SCOPES, doc="block budget shared over the matrix or per row")
+
 
 # Cholesky retries multiply the damping by this factor (ill-conditioned or rank-deficient H).
 DAMPING_GROWTH = 10.0
@@ -108,13 +127,20 @@ def decompose(
     weight: torch.Tensor,
     hessian: torch.Tensor,
     target: Target,
-    *,
-    percdamp: float = 0.01,
-    blocksize: int = 128,
-    scope: str = "matrix",
-    history: list[float] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    hyperparameters: SparseGPTHyperparameters,
+    record_history: bool = True,
+) -> Decomposition:
     """SparseGPT with the paper's defaults (lambda = 0.01 mean diag H, blocks of 128); U, V = 0."""
     weight = weight.float()
-    sparse = sparsegpt_prune(weight, inverse_hessian_cholesky(hessian, percdamp), target, blocksize, scope)
-    return (sparse, *zero_factors(*weight.shape, target.rank, weight))
+    hp = hyperparameters
+    sparse = sparsegpt_prune(weight, inverse_hessian_cholesky(hessian, hp.percdamp), target, hp.blocksize, hp.scope)
+    return Decomposition(sparse, *zero_factors(*weight.shape, target.rank, weight))
+
+
+ALGORITHM = Algorithm(
+    name="sparsegpt",
+    needs_hessian=True,
+    hyperparameters=SparseGPTHyperparameters,
+    decompose=decompose,
+    paper="SparseGPT: Massive Language Models Can Be Accurately Pruned in One-Shot (Frantar & Alistarh, 2023)",
+)

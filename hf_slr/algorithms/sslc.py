@@ -1,4 +1,5 @@
-"""SSLC, "1+1>2" (Zong et al. 2025, 001 §4.2, Alg. 1).
+"""SSLC: "1+1>2: A Synergistic Sparse and Low-Rank Compression Method for Large Language Models"
+(Zong, Zhang, Li, Tan, Ren, Zhai & Hu, 2025; seed 001 §4.2, Alg. 1).
 
 Alternates, in the space scaled by ||X_j||_2 = sqrt(H_jj) (001 eq. 6), a bilateral-random-projection
 low-rank step L' = Y1 (A2^T Y1)^-1 Y2^T of (W - S) ||X|| (eq. 7-8) and a sparse step keeping the
@@ -20,15 +21,31 @@ e.g. 18 for SmolLM2-135M's 576-wide layers). The budget split itself is the call
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from .alternating import scaled_alternating_minimization
-from .base import Target
+from .base import Algorithm, Decomposition, Target
+from .hyperparameters import SEED_RANGE, hyperparameter
 from .lowrank import bilateral_random_projection, input_norms
-from .projections import sparsity_mask
+from .projections import SCOPES, sparsity_mask
 
 PAPER_RANK = 128
 PAPER_WIDTH = 4096
+
+
+@dataclass(frozen=True)
+class SSLCHyperparameters:
+    """Hyperparameters of SSLC (paper defaults)."""
+
+    iterations: int = hyperparameter(40, low=1, doc="alternations T (001 §5.3)")
+    preserve_fraction: float = hyperparameter(
+        0.01, low=0.0, high=1.0, doc="top salient fraction of W kept as is, outside the alternation (001 §4.2.3)"
+    )
+    scope: str = hyperparameter("matrix", choices=SCOPES, doc="eq. 5 thresholds the whole matrix; 'row' per output row")
+    power_iterations: int = hyperparameter(0, low=0, doc="GoDec power steps inside each bilateral random projection")
+    seed: int = hyperparameter(0, **SEED_RANGE, doc="seed of the first Gaussian test matrix")
 
 
 def paper_rank(out_features: int, in_features: int) -> int:
@@ -46,37 +63,43 @@ def decompose(
     weight: torch.Tensor,
     hessian: torch.Tensor,
     target: Target,
-    *,
-    iterations: int = 40,
-    preserve_fraction: float = 0.01,
-    scope: str = "matrix",
-    power_iterations: int = 0,
-    seed: int = 0,
-    history: list[float] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    hyperparameters: SSLCHyperparameters,
+    record_history: bool = True,
+) -> Decomposition:
     """SSLC Alg. 1: preserve the top ``preserve_fraction`` salient weights, then T alternations.
 
     ``power_iterations > 0`` applies GoDec's power scheme inside each BRP: a closer L step, but no
     longer provably no worse than L_{t-1}. ``seed`` fixes the first Gaussian test matrix.
     """
+    hp = hyperparameters
     weight = weight.float()
     salience = (weight * input_norms(hessian)).abs()
-    preserved = preserved_mask(salience, target, preserve_fraction, scope) if preserve_fraction > 0 else None
-    generator = torch.Generator().manual_seed(seed)
+    preserved = preserved_mask(salience, target, hp.preserve_fraction, hp.scope) if hp.preserve_fraction > 0 else None
+    generator = torch.Generator().manual_seed(hp.seed)
 
     def brp_step(matrix: torch.Tensor, previous_v: torch.Tensor | None):
         test_matrix = None if previous_v is None else previous_v.T
         return bilateral_random_projection(
-            matrix, target.rank, test_matrix=test_matrix, power_iterations=power_iterations, generator=generator
+            matrix, target.rank, test_matrix=test_matrix, power_iterations=hp.power_iterations, generator=generator
         )
 
     return scaled_alternating_minimization(
         weight,
         hessian,
         target,
-        iterations=iterations,
+        iterations=hp.iterations,
         low_rank_step=brp_step,
-        scope=scope,
+        scope=hp.scope,
         preserved=preserved,
-        history=history,
+        record_history=record_history,
     )
+
+
+ALGORITHM = Algorithm(
+    name="sslc",
+    needs_hessian=True,
+    hyperparameters=SSLCHyperparameters,
+    decompose=decompose,
+    paper="1+1>2: A Synergistic Sparse and Low-Rank Compression Method for Large Language Models "
+    "(Zong, Zhang, Li, Tan, Ren, Zhai & Hu, 2025)",
+)

@@ -1,5 +1,8 @@
 """3BASiL: 3-block ADMM on (S, L, D) with dual V (002 §2.2 eqs. 3-5, App. B eqs. 35-36).
 
+"3BASiL: An Algorithmic Framework for Sparse plus Low-Rank Compression of LLMs" (Makni, Meng &
+Mazumder, NeurIPS 2025; seed 002).
+
 The problem (002 eq. 1) min tr((W - S - L) H' (W - S - L)^T) s.t. S in the sparsity set,
 rank(L) <= r is split with a copy D of S (002 eq. 2) and solved by
 
@@ -18,13 +21,44 @@ SVD that never forms (W~ - S~) H~^1/2, so an iteration costs one [out, in] x [in
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from .base import Target, relative_objective
+from .base import Algorithm, Decomposition, Target, relative_objective
+from .hyperparameters import SEED_RANGE, ConstraintError, hyperparameter
 from .lowrank import WhitenedLowRank, pad_factors
-from .projections import SupportProjector
+from .projections import SCOPES, SupportProjector
 
-__all__ = ["decompose", "masked_conjugate_gradient"]
+__all__ = ["ALGORITHM", "ThreeBASiLHyperparameters", "decompose", "masked_conjugate_gradient"]
+
+
+@dataclass(frozen=True)
+class ThreeBASiLHyperparameters:
+    """Hyperparameters of 3BASiL (paper / authors' code defaults; 002 App. B)."""
+
+    rho: float = hyperparameter(0.1, low=0.0, low_open=True, doc="initial ADMM penalty rho_0 (002 App. B)")
+    rho_update_every: int = hyperparameter(10, low=1, doc="iterations between rho updates / support comparisons (eq. 36)")
+    max_iterations: int = hyperparameter(2000, low=1, doc="hard stop of the ADMM")
+    min_iterations: int = hyperparameter(
+        100, low=0, doc="the stable_support stop is checked only after this many (<= max_iterations)"
+    )
+    stable_support: float = hyperparameter(
+        3e-4, low=0.0, high=1.0, doc="stop when fewer than this x nnz support entries changed (authors' code)"
+    )
+    diagonal_damping: float = hyperparameter(0.005, low=0.0, doc="H' = H + this * diag(H) + ... (App. B)")
+    identity_damping: float = hyperparameter(
+        0.005, low=0.0, low_open=True, doc="H' = ... + this * mean(diag H) * I (App. B); > 0 keeps dead channels finite"
+    )
+    scope: str = hyperparameter("matrix", choices=SCOPES, doc="unstructured support per matrix (authors' code) or per row")
+    oversampling: int = hyperparameter(8, low=0, doc="randomized-SVD sketch = rank + oversampling")
+    refit_rounds: int = hyperparameter(1, low=0, doc="polish rounds (S by CG on its support, then the exact L)")
+    refit_cg_steps: int = hyperparameter(10, low=0, doc="conjugate-gradient steps per polish round")
+    seed: int = hyperparameter(0, **SEED_RANGE, doc="seed of the initial sketch")
+
+    def __post_init__(self):
+        if self.min_iterations > self.max_iterations:
+            raise ConstraintError("min_iterations", f"<= max_iterations ({self.max_iterations})", self.min_iterations)
 
 
 def _rescaled_hessian(
@@ -79,22 +113,9 @@ def decompose(
     weight: torch.Tensor,
     hessian: torch.Tensor,
     target: Target,
-    *,
-    rho: float = 0.1,
-    rho_update_every: int = 10,
-    max_iterations: int = 2000,
-    min_iterations: int = 100,
-    stable_support: float = 3e-4,
-    diagonal_damping: float = 0.005,
-    identity_damping: float = 0.005,
-    scope: str = "matrix",
-    oversampling: int = 8,
-    refit_rounds: int = 1,
-    refit_cg_steps: int = 10,
-    seed: int = 0,
-    history: list | None = None,
-    residuals: list | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    hyperparameters: ThreeBASiLHyperparameters,
+    record_history: bool = True,
+) -> Decomposition:
     """3BASiL (002 eqs. 3-5 / 35) from S = W~, D = P(W~), V = 0, L = 0, rho_0 = 0.1 (App. B).
 
     Every ``rho_update_every`` iterations rho follows eq. 36; the run stops when the support of D
@@ -104,12 +125,16 @@ def decompose(
     code 280-470). The returned S is the feasible D, polished by ``refit_rounds`` rounds of
     S on its fixed support (``refit_cg_steps`` CG steps: the ALPS back-solve of 002's reference
     code) then the exact L of eq. 4, each a descent step. ``scope`` ranks unstructured sparsity per
-    "matrix" (authors' code) or per "row". ``residuals``, when a list, gets the primal residual
-    ||S - D||_F / ||D||_F after each iteration.
+    "matrix" (authors' code) or per "row". With ``record_history``, the result's
+    ``diagnostics["primal_residual"]`` holds ||S - D||_F / ||D||_F after each iteration.
     """
+    hp = hyperparameters
+    rho, rho_update_every, max_iterations, min_iterations = hp.rho, hp.rho_update_every, hp.max_iterations, hp.min_iterations
+    stable_support, refit_rounds, refit_cg_steps = hp.stable_support, hp.refit_rounds, hp.refit_cg_steps
+    history, residuals = [], []
     dtype = torch.promote_types(weight.dtype, torch.float32)
     out_features, in_features = weight.shape
-    scale, rescaled, dead = _rescaled_hessian(hessian.to(dtype), diagonal_damping, identity_damping)
+    scale, rescaled, dead = _rescaled_hessian(hessian.to(dtype), hp.diagonal_damping, hp.identity_damping)
     eigenvalues, eigenvectors = torch.linalg.eigh(rescaled.double())
     lam = eigenvalues.clamp_min(1e-12 * eigenvalues.max()).to(dtype)
     q = eigenvectors.to(dtype)
@@ -118,10 +143,10 @@ def decompose(
     w[:, dead] = 0
     w_hessian = w @ rescaled
     rank = min(target.rank, out_features, in_features)
-    sketch = min(rank + oversampling, out_features, in_features)
-    low_rank = WhitenedLowRank(q, lam.sqrt(), out_features, rank, sketch, torch.Generator().manual_seed(seed))
+    sketch = min(rank + hp.oversampling, out_features, in_features)
+    low_rank = WhitenedLowRank(q, lam.sqrt(), out_features, rank, sketch, torch.Generator().manual_seed(hp.seed))
 
-    project = SupportProjector(target, scope)
+    project = SupportProjector(target, hp.scope)
     mask = project(w.abs())
     kept = max(int(mask.sum()), 1)
     d, dual = w * mask, torch.zeros_like(w)
@@ -141,9 +166,8 @@ def decompose(
         mask = project(torch.abs(y, out=scratch))
         torch.where(mask, y, zero, out=d)
         torch.mul(y, rho, out=dual).masked_fill_(mask, 0.0)
-        if history is not None:
+        if record_history:
             history.append(relative_objective(weight, d / scale, low_rank.u, low_rank.v() / scale, hessian))
-        if residuals is not None:
             residuals.append(float(torch.linalg.norm(s - d) / torch.linalg.norm(d).clamp_min(1e-30)))
         if (iteration + 1) % rho_update_every:
             continue
@@ -164,6 +188,17 @@ def decompose(
         low_rank.fit(w - sparse, power_iterations=2)
     sparse_out = (sparse / scale).to(weight.dtype)
     u_out, v_out = pad_factors(low_rank.u.to(weight.dtype), (low_rank.v() / scale).to(weight.dtype), target.rank)
-    if history is not None and refit_rounds > 0:
+    if record_history and refit_rounds > 0:
         history.append(relative_objective(weight, sparse_out, u_out, v_out, hessian))
-    return sparse_out, u_out, v_out
+    diagnostics = {"primal_residual": residuals} if record_history else {}
+    return Decomposition(sparse_out, u_out, v_out, tuple(history), diagnostics)
+
+
+ALGORITHM = Algorithm(
+    name="threebasil",
+    needs_hessian=True,
+    hyperparameters=ThreeBASiLHyperparameters,
+    decompose=decompose,
+    paper="3BASiL: An Algorithmic Framework for Sparse plus Low-Rank Compression of LLMs "
+    "(Makni, Meng & Mazumder, NeurIPS 2025)",
+)

@@ -32,6 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..algorithms import qr_rpca
+from ..algorithms.hyperparameters import ConstraintError, hyperparameter
 from ..algorithms.lowrank import EIGEN_RELATIVE_FLOOR
 from .budget import allocate, layer_sizes, project_sparsity
 from .owl import owl_sparsity
@@ -108,11 +109,34 @@ def _solve(scaled, scales, targets, state, iterations, seed):
     approximations, solved = {}, {}
     for name, target in targets.items():
         s, u, v = qr_rpca.decompose(
-            scaled[name], None, target, iterations=iterations, scaling="none", init=state.get(name), seed=seed
+            scaled[name], None, target, qr_rpca.ALGORITHM.check({"iterations": iterations, "scaling": "none", "seed": seed}),
+            record_history=False, init=state.get(name),
         )
         solved[name] = (s, u, v)
         approximations[name] = (s + u @ v) / scales[name]
     return approximations, solved
+
+
+@dataclass(frozen=True)
+class LearnedHyperparameters:
+    """``allocation_kwargs`` of ``allocation="learned"`` (000 Tables 6-7, ``steps`` and ``batch_size``
+    scaled down for 2 CPU cores, see docs/allocation.md)."""
+
+    steps: int = hyperparameter(8, low=1, doc="outer AdamW steps")
+    batch_size: int = hyperparameter(4, low=1, doc="calibration rows of the batch B of one step")
+    lr: float = hyperparameter(2e-3, low=0.0, low_open=True, doc="AdamW learning rate on mu")
+    sigma2: float = hyperparameter(5e-2, low=0.0, low_open=True, doc="sigma^2 of the sampling Gaussian")
+    gamma0: float = hyperparameter(5e-2, low=0.0, high=1.0, low_open=True, doc="initial truncation half-width")
+    gamma_target: float = hyperparameter(5e-3, low=0.0, high=1.0, low_open=True, doc="final truncation half-width")
+    xi_warmup: float = hyperparameter(0.1, low=0.0, high=1.0, doc="share of the steps at gamma0")
+    xi_anneal: float = hyperparameter(0.8, low=0.0, high=1.0, doc="share of the steps after which gamma is gamma_target")
+    inner_iterations: int = hyperparameter(20, low=1, doc="QR-RPCA iterations per sample")
+    init: str = hyperparameter("uniform", choices=("uniform", "owl"), doc="mu_s starts at rho or at OWL's sparsities")
+    seed: int | None = hyperparameter(None, doc="sampling seed (None: the config's `seed`)")
+
+    def __post_init__(self):
+        if self.xi_anneal < self.xi_warmup:
+            raise ConstraintError("xi_anneal", f">= xi_warmup={self.xi_warmup}", self.xi_anneal)
 
 
 def learn_allocation(

@@ -6,7 +6,7 @@ r_i = floor(kappa_i (1 - s_l) m n / (m + n)) and nnz_i = (1 - s_l) m n - r_i (m 
 ``total``, the integer rounding remainder goes to nnz so that sum_i nnz_i + r_i (m_i + n_i) equals
 it exactly. The feasible set of the layer sparsities, {sum_l w_l s_l = rho sum_l w_l, 0 <= s <= 1}
 with w_l the parameters of layer l, is what :func:`project_sparsity` projects onto (000 App. C.1).
-Pure tensor math: imports torch only.
+:func:`uniform_target` is the uniform rule (the first strategy). Pure tensor math: imports torch only.
 """
 
 from __future__ import annotations
@@ -18,6 +18,34 @@ import torch
 from ..algorithms import Target
 
 Shapes = dict[str, tuple[int, int]]
+
+
+DEFAULT_RANK = 64
+"""Rank of U V when the request fixes neither ``rank`` nor ``compression_ratio`` (002/004 use 64
+for 4096-wide layers)."""
+DEFAULT_SPARSITY = 0.5
+
+
+def uniform_target(out_features: int, in_features: int, request) -> Target:
+    """The uniform rule: the same budget for every [out, in] matrix, from ``request`` (an SLRConfig).
+
+    Without ``compression_ratio``: ``rank`` (default 64) and ``sparsity`` (default 0.5, or N:M).
+    With it, the papers' formulas: for N:M, r = floor((1 - rho - N/M) m n / (m + n)) (HASSLE-free
+    §5); for unstructured S, with ``rank_ratio`` kappa, r = floor(kappa (1 - rho) m n / (m + n)) and
+    nnz(S) = floor((1 - kappa)(1 - rho) m n) (HASSLE-free App. A.3, the OATS rule).
+    """
+    nm_pattern, sparsity = request.nm_pattern, request.sparsity_fraction
+    numel, fan = out_features * in_features, out_features + in_features
+    if request.compression_ratio is None:
+        rank = DEFAULT_RANK if request.rank is None else request.rank
+        return Target(rank=rank, sparsity=DEFAULT_SPARSITY if sparsity is None else sparsity, nm_pattern=nm_pattern)
+    kept = 1.0 - request.compression_ratio
+    if nm_pattern is not None:
+        n, m = nm_pattern
+        return Target(rank=int(math.floor((kept - n / m) * numel / fan)), sparsity=sparsity, nm_pattern=nm_pattern)
+    nnz = int(math.floor((1.0 - request.rank_ratio) * kept * numel))
+    rank = int(math.floor(request.rank_ratio * kept * numel / fan))
+    return Target(rank=rank, sparsity=(numel - nnz) / numel)
 
 
 def kept_total(shapes: Shapes, compression_ratio: float) -> int:

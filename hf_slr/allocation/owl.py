@@ -12,11 +12,22 @@ in size. Pure tensor math: imports torch only.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from ..algorithms.hyperparameters import hyperparameter
 from .budget import layer_sizes, project_sparsity
 
-__all__ = ["outlier_ratios", "owl_sparsity"]
+__all__ = ["OwlHyperparameters", "outlier_ratios", "owl_sparsity"]
+
+
+@dataclass(frozen=True)
+class OwlHyperparameters:
+    """``allocation_kwargs`` of ``allocation="owl"`` (the OWL paper's defaults, M = 5, lambda = 0.08)."""
+
+    outlier_threshold: float = hyperparameter(5.0, low=0.0, low_open=True, doc="M: outliers exceed M x the mean score")
+    lam: float = hyperparameter(0.08, low=0.0, high=0.5, doc="lambda: the layer sparsities spread over [rho - lambda, rho + lambda]")
 
 def outlier_ratios(
     weights: dict[str, torch.Tensor], norms: dict[str, torch.Tensor], groups: list[list[str]], outlier_threshold: float = 5.0

@@ -1,9 +1,12 @@
 """HASSLE-free, 3BASiL and QR-RPCA: exact targets, objectives vs. OATS, ADMM and RPCA convergence."""
 
+import dataclasses
+
 import pytest
 import torch
 
-from hf_slr.algorithms import available, get, hyperparameters
+from hf_slr.algorithms import available, get
+from hf_slr.algorithms import qr_rpca as qr_rpca_module
 from hf_slr.algorithms.base import Target, relative_objective
 from hf_slr.algorithms.lowrank import WhitenedLowRank, damp_hessian, reduced_rank_regression
 from hf_slr.algorithms.projections import SupportProjector, sparsity_mask
@@ -32,11 +35,11 @@ def _layer(rows=24, cols=32, seed=0, dead=()):
 
 def test_registered_with_paper_defaults():
     assert {"threebasil", "hassle_free", "qr_rpca"} <= set(available())
-    assert hyperparameters("hassle_free")["iterations"] == 80
-    assert hyperparameters("hassle_free")["lowrank_iterations"] == 50
-    assert hyperparameters("threebasil")["rho"] == 0.1
-    assert hyperparameters("qr_rpca")["iterations"] == 80
-    assert not hyperparameters("qr_rpca")["init"]
+    assert get("hassle_free").defaults().iterations == 80
+    assert get("hassle_free").defaults().lowrank_iterations == 50
+    assert get("threebasil").defaults().rho == 0.1
+    assert get("qr_rpca").defaults().iterations == 80
+    assert "init" not in {field.name for field in dataclasses.fields(get("qr_rpca").hyperparameters)}
 
 
 @pytest.mark.parametrize("target", TARGETS, ids=str)
@@ -44,7 +47,7 @@ def test_registered_with_paper_defaults():
 def test_constraints_exact(run, target, check_target):
     name, hyper, scope = RUNS[run]
     weight, hessian = _layer()
-    sparse, u, v = get(name).decompose(weight, hessian, target, **hyper)
+    sparse, u, v = get(name).run(weight, hessian, target, hyper)
     check_target(sparse, u, v, target, scope)
 
 
@@ -55,7 +58,7 @@ def test_dead_and_ill_conditioned_channels(run, check_target):
     hessian[7] *= 1e6  # a channel six orders of magnitude louder: H badly conditioned
     hessian[:, 7] *= 1e6
     target = Target(rank=3, nm_pattern=(2, 4))
-    sparse, u, v = get(name).decompose(weight, hessian, target, **hyper)
+    sparse, u, v = get(name).run(weight, hessian, target, hyper)
     check_target(sparse, u, v, target, scope)
     assert relative_objective(weight, sparse, u, v, hessian) < 0.5
 
@@ -64,10 +67,10 @@ def test_dead_and_ill_conditioned_channels(run, check_target):
 @pytest.mark.parametrize("seed", [0, 1])
 def test_full_hessian_methods_reach_oats(seed, target):
     weight, hessian = _layer(seed=seed)
-    oats = relative_objective(weight, *get("oats").decompose(weight, hessian, target), hessian)
+    oats = relative_objective(weight, *get("oats").run(weight, hessian, target), hessian)
     for run in ("threebasil", "hassle_free"):
         name, hyper, _ = RUNS[run]
-        objective = relative_objective(weight, *get(name).decompose(weight, hessian, target, **hyper), hessian)
+        objective = relative_objective(weight, *get(name).run(weight, hessian, target, hyper), hessian)
         assert objective <= oats, (run, objective, oats)
 
 
@@ -77,8 +80,7 @@ def test_hassle_free_closed_form_beats_gd_and_its_first_step():
     history = {}
     for run in ("hassle_free", "hassle_free_gd"):
         name, hyper, _ = RUNS[run]
-        history[run] = []
-        get(name).decompose(weight, hessian, target, history=history[run], **hyper)
+        history[run] = get(name).run(weight, hessian, target, hyper).history
         assert len(history[run]) == hyper["iterations"]
     assert history["hassle_free"][-1] <= history["hassle_free_gd"][-1]
     assert history["hassle_free"][-1] <= history["hassle_free"][0]  # the first step is EoRA
@@ -116,9 +118,9 @@ def test_whitened_low_rank_is_the_reduced_rank_regression(rank):
 
 def test_admm_primal_residual_vanishes_and_refit_descends():
     weight, hessian = _layer()
-    history, residuals = [], []
     target = Target(rank=3, nm_pattern=(2, 4))
-    get("threebasil").decompose(weight, hessian, target, history=history, residuals=residuals)
+    result = get("threebasil").run(weight, hessian, target)
+    history, residuals = result.history, result.diagnostics["primal_residual"]
     assert len(residuals) == len(history) - 1 >= 50  # one objective per iteration, plus the refit
     assert residuals[-1] < 1e-2 * max(residuals[:10])
     assert sum(residuals[-10:]) < sum(residuals[-30:-20])
@@ -159,15 +161,18 @@ def test_qr_rpca_objective_never_increases(scaling, target):
     weight, hessian = _layer()
     # with a diagonal H the layer objective is the one QR-RPCA minimises, ||(W - S - UV) D||_F
     diagonal = torch.diag(hessian.diagonal()) if scaling == "activation" else None
-    history = []
-    get("qr_rpca").decompose(weight, diagonal, target, scaling=scaling, iterations=25, history=history)
+    history = get("qr_rpca").run(weight, diagonal, target, {"scaling": scaling, "iterations": 25}).history
     assert all(b <= a * (1 + 1e-5) for a, b in zip(history, history[1:]))
     assert history[-1] < history[0]
 
 
 def test_qr_rpca_warm_start_grows_and_shrinks_rank(check_target):
     weight, hessian = _layer()
-    qr_rpca = get("qr_rpca").decompose
+    algorithm = get("qr_rpca")
+
+    def qr_rpca(weight, hessian, target, init=None, **hyper):  # the warm start is a direct-call argument
+        return qr_rpca_module.decompose(weight, hessian, target, algorithm.check(hyper), init=init)
+
     target = Target(rank=3, sparsity=0.5)
     first = qr_rpca(weight, hessian, target, iterations=20)
     for rank in (5, 2):
@@ -175,6 +180,5 @@ def test_qr_rpca_warm_start_grows_and_shrinks_rank(check_target):
         check_target(sparse, u, v, Target(rank=rank, sparsity=0.5), "matrix")
     diagonal = torch.diag(hessian.diagonal())
     cold = qr_rpca(weight, diagonal, target, iterations=20)
-    warm_history = []
-    qr_rpca(weight, diagonal, target, init=cold, iterations=3, history=warm_history)
+    warm_history = qr_rpca(weight, diagonal, target, init=cold, iterations=3).history
     assert warm_history[0] <= relative_objective(weight, *cold, diagonal) * (1 + 1e-5)

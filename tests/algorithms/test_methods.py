@@ -52,7 +52,7 @@ def test_all_methods_registered():
 def test_constraints_exact(name, target, check_target):
     hyper, scope = METHODS[name]
     weight, hessian = _layer()
-    sparse, u, v = get(name).decompose(weight, hessian, target, **hyper)
+    sparse, u, v = get(name).run(weight, hessian, target, hyper)
     check_target(sparse, u, v, target, scope)
     if scope is not None and target.nm_pattern is None:  # generic data: the whole budget is used
         expected = target.kept_per_row(26) * 12 if scope == "row" else target.kept_total(12, 26)
@@ -66,10 +66,9 @@ def test_dead_and_ill_conditioned_channels(name, check_target):
     hessian[3] = hessian[4] * (1 + 1e-7)  # nearly collinear inputs
     hessian[:, 3] = hessian[3]
     for target in (Target(rank=3, sparsity=0.5), Target(rank=3, nm_pattern=(2, 4))):
-        history = []
-        sparse, u, v = get(name).decompose(weight, hessian, target, history=history, **hyper)
-        check_target(sparse, u, v, target, scope)
-        assert all(torch.isfinite(torch.tensor(h)) for h in history)
+        result = get(name).run(weight, hessian, target, hyper)
+        check_target(*result, target, scope)
+        assert all(torch.isfinite(torch.tensor(h)) for h in result.history)
 
 
 def _best_support(row, kept, cost):
@@ -80,13 +79,13 @@ def _best_support(row, kept, cost):
 def test_wanda_is_the_enumerated_optimum_of_its_metric():
     weight, hessian = _layer(rows=3, cols=8, seed=1)
     metric = weight.abs() * hessian.diagonal().sqrt()
-    sparse, _, _ = get("wanda").decompose(weight, hessian, Target(sparsity=0.5))
+    sparse, _, _ = get("wanda").run(weight, hessian, Target(sparsity=0.5))
     for row, metric_row, result in zip(weight, metric, sparse):
         support = _best_support(row, 4, lambda s: -float(metric_row[list(s)].sum()))
         expected = torch.zeros_like(row)
         expected[list(support)] = row[list(support)]
         torch.testing.assert_close(result, expected)
-    sparse, _, _ = get("wanda").decompose(weight, hessian, Target(nm_pattern=(2, 4)))
+    sparse, _, _ = get("wanda").run(weight, hessian, Target(nm_pattern=(2, 4)))
     for i, j in itertools.product(range(3), (0, 4)):
         group = metric[i, j : j + 4]
         support = _best_support(group, 2, lambda s: -float(group[list(s)].sum()))
@@ -109,7 +108,7 @@ def test_sparsegpt_diagonal_hessian_is_the_exhaustive_optimum(target):
     g = _gen(2)
     weight = torch.randn(2, 6, generator=g).double()
     hessian = torch.diag(torch.rand(6, generator=g).double() * 5 + 0.1)
-    sparse, _, _ = get("sparsegpt").decompose(weight.float(), hessian.float(), target, scope="row")
+    sparse, _, _ = get("sparsegpt").run(weight.float(), hessian.float(), target, {"scope": "row"})
     damped = damp_hessian(hessian, 0.01)
     for row, result in zip(weight, sparse):
         if target.nm_pattern is None:
@@ -128,7 +127,7 @@ def test_sparsegpt_one_pruned_column_is_the_exact_refit():
     x = torch.randn(20, 5, generator=g).double()
     x[:, 1] += x[:, 0]  # correlated inputs: the refit moves the kept weights
     hessian = x.T @ x
-    sparse, _, _ = get("sparsegpt").decompose(weight.float(), hessian.float(), Target(sparsity=0.2))
+    sparse, _, _ = get("sparsegpt").run(weight.float(), hessian.float(), Target(sparsity=0.2))
     assert sparse[0, 0] == 0 and (sparse[0, 1:] != 0).all()
     _, refit = _refit_error(weight[0], (1, 2, 3, 4), damp_hessian(hessian, 0.01))
     torch.testing.assert_close(sparse[0].double(), refit, rtol=1e-4, atol=1e-6)
@@ -155,7 +154,7 @@ def _reference_obs_nm(weight, hessian, n, m):
 def test_sparsegpt_blocked_nm_matches_unblocked_obs(blocksize):
     """Lazy block updates + Cholesky rows reproduce plain sequential OBS (SparseGPT Alg. 1)."""
     weight, hessian = _layer(rows=3, cols=12, seed=9)
-    sparse, _, _ = get("sparsegpt").decompose(weight, hessian, Target(nm_pattern=(2, 4)), blocksize=blocksize)
+    sparse, _, _ = get("sparsegpt").run(weight, hessian, Target(nm_pattern=(2, 4)), {"blocksize": blocksize})
     reference = _reference_obs_nm(weight.double(), damp_hessian(hessian.double(), 0.01), 2, 4)
     torch.testing.assert_close(sparse.double(), reference, rtol=1e-4, atol=1e-4)
 
@@ -170,7 +169,7 @@ def test_scaled_objective_never_increases(name, target):
     """001 App. A eq. 12-14 / 004 Cor. 4.2: each exact alternation lowers ||(W - S - L) D||_F."""
     weight, hessian = _layer(rows=16, cols=24, seed=4)
     objectives = [
-        _scaled_objective(weight, hessian, *get(name).decompose(weight, hessian, target, iterations=t))
+        _scaled_objective(weight, hessian, *get(name).run(weight, hessian, target, {"iterations": t}))
         for t in range(1, 9)
     ]
     assert all(b <= a * (1 + 1e-5) for a, b in zip(objectives, objectives[1:]))
@@ -195,8 +194,9 @@ def _reference_oats(weight, hessian, target, iterations):
 def test_oats_matches_reference_and_history():
     weight, hessian = _layer(rows=10, cols=16, seed=5)
     target = Target(rank=2, sparsity=0.5)
-    history = []
-    sparse, u, v = get("oats").decompose(weight.double(), hessian.double(), target, iterations=6, history=history)
+    result = get("oats").run(weight.double(), hessian.double(), target, {"iterations": 6})
+    sparse, u, v = result
+    history = result.history
     reference = _reference_oats(weight.double(), hessian.double(), target, 6)
     torch.testing.assert_close((sparse + u @ v).double(), reference, rtol=1e-4, atol=1e-4)
     assert len(history) == 6
@@ -206,7 +206,7 @@ def test_oats_matches_reference_and_history():
 def test_sslc_preserves_top_salient_weights():
     weight, hessian = _layer(rows=20, cols=40, seed=6)
     target = Target(rank=4, sparsity=0.5)
-    sparse, _, _ = get("sslc").decompose(weight, hessian, target, iterations=3)
+    sparse, _, _ = get("sslc").run(weight, hessian, target, {"iterations": 3})
     salience = (weight * hessian.diagonal().sqrt()).abs().flatten()
     top = salience.argsort(descending=True)[: 8]  # 1% of 800 weights
     torch.testing.assert_close(sparse.flatten()[top], weight.flatten()[top])
@@ -215,7 +215,7 @@ def test_sslc_preserves_top_salient_weights():
 def test_activation_svd_is_diagonal_weighted_optimum():
     """004 Thm 4.1: C_r(W D) D^-1 minimises tr(E diag(H) E^T); compare to the whitened SVD written out."""
     weight, hessian = _layer(seed=7)
-    sparse, u, v = get("activation_svd").decompose(weight, hessian, Target(rank=4))
+    sparse, u, v = get("activation_svd").run(weight, hessian, Target(rank=4))
     assert not sparse.any()
     diagonal = torch.diag(hessian.diagonal())
     scale = hessian.diagonal().sqrt().double()
@@ -227,8 +227,8 @@ def test_activation_svd_is_diagonal_weighted_optimum():
 def test_magnitude_svd_is_prune_then_best_rank():
     weight, _ = _layer(seed=8)
     target = Target(rank=3, sparsity=0.7)
-    sparse, u, v = get("magnitude_svd").decompose(weight, None, target)
-    magnitude, _, _ = get("magnitude").decompose(weight, None, target)
+    sparse, u, v = get("magnitude_svd").run(weight, None, target)
+    magnitude, _, _ = get("magnitude").run(weight, None, target)
     torch.testing.assert_close(sparse, magnitude)
     optimum = torch.linalg.svdvals((weight - sparse).double())[3:].pow(2).sum()
     assert float((weight - sparse - u @ v).double().pow(2).sum()) == pytest.approx(float(optimum), rel=1e-4)
@@ -270,8 +270,8 @@ def test_real_smollm2_alternations_are_monotone(check_target):
             for method in ("oats", "sslc"):
                 objectives = []
                 for t in range(1, 6):
-                    history = []
-                    result = get(method).decompose(weight, hessian, target, iterations=t, history=history)
+                    result = get(method).run(weight, hessian, target, {"iterations": t})
+                    history = result.history
                     check_target(*result, target, METHODS[method][1])
                     assert all(0 <= h < 1 for h in history), (name, method, history)
                     objectives.append(_scaled_objective(weight, hessian, *result))

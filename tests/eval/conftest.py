@@ -7,7 +7,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
-from hf_slr.testing import tiny_config
+from tiny_models import tiny_config
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog.",
