@@ -36,7 +36,8 @@ import torch
 
 from hf_slr import algorithms
 from hf_slr.algorithms.base import Target, relative_objective
-from hf_slr.calibration import HessianAccumulator, load_documents
+from hf_slr.calibration import HessianAccumulator
+from hf_slr.texts import load_documents
 
 DEFAULT_LAYERS = ["self_attn.q_proj", "self_attn.o_proj", "mlp.up_proj", "mlp.down_proj"]
 

@@ -29,7 +29,7 @@ import hf_slr
 from hf_slr.eval import perplexity
 from hf_slr.peft import MODES, get_slr_peft_model
 from hf_slr.testing import demo_model_path
-from hf_slr.utils import data_file
+from hf_slr.texts import data_file
 
 ALPACA_FILE = "alpaca/alpaca_data.first335.json"
 PROMPT = (

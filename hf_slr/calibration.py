@@ -9,98 +9,15 @@ the layer-wise objective, 002 eq. 1, 004 §3) and :class:`InputNorms` the per-ch
 
 from __future__ import annotations
 
-import json
 import random
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from .utils import data_file
+from .texts import load_documents
 
-__all__ = ["C4_TRAIN_FILE", "LOCAL_SUFFIXES", "HessianAccumulator", "InputNorms", "calibration_ids", "load_documents"]
-
-C4_TRAIN_FILE = "c4/c4-train.00000-of-01024.first1000.jsonl"
-"""The offline C4 sample that ``dataset="c4"`` reads (under :func:`hf_slr.utils.data_dir`)."""
-
-LOCAL_SUFFIXES = (".jsonl", ".json", ".txt")
-TEXT_FIELD = "text"
-
-
-def _texts(rows: Any, source: str) -> list[str]:
-    if not isinstance(rows, list) or not all(isinstance(row, dict) and TEXT_FIELD in row for row in rows):
-        raise ValueError(f"`dataset`={source!r}: every row must be an object with a {TEXT_FIELD!r} field")
-    return [row[TEXT_FIELD] for row in rows]
-
-
-def _local_file(name: str) -> Path | None:
-    """The file a local source names ("c4" or a path ending in :data:`LOCAL_SUFFIXES`), which must
-    exist; None for a Hub id."""
-    path = data_file(C4_TRAIN_FILE) if name == "c4" else Path(name)
-    if name != "c4" and path.suffix not in LOCAL_SUFFIXES:
-        return None
-    if not path.is_file():
-        raise FileNotFoundError(f"`dataset`={name!r}: no such calibration file ({path})")
-    return path
-
-
-def _read_local(path: Path) -> list[str]:
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".txt":
-        return [text]
-    if path.suffix == ".jsonl":
-        return _texts([json.loads(line) for line in text.splitlines() if line.strip()], str(path))
-    return _texts(json.loads(text), str(path))
-
-
-def load_documents(dataset: Any) -> list[str]:
-    """The calibration documents of ``dataset``.
-
-    - ``"c4"``: the local C4 train sample (:data:`C4_TRAIN_FILE`, 1000 documents);
-    - a ``.jsonl`` / ``.json`` file (rows, or a list of rows, with a ``text`` field) or a ``.txt``
-      file (one document);
-    - a list of strings (one document each);
-    - a :class:`datasets.Dataset` (its ``text`` column);
-    - a Hub dataset id ``"owner/name"`` or ``"owner/name:config"`` (``text`` column of the ``train``
-      split, loaded with :func:`datasets.load_dataset`).
-    """
-    if isinstance(dataset, (list, tuple)):
-        documents = list(dataset)
-    elif isinstance(dataset, (str, Path)):
-        name = str(dataset)
-        path = _local_file(name)
-        if path is not None:
-            documents = _read_local(path)
-        else:
-            import datasets
-
-            repo, _, config = name.partition(":")
-            documents = datasets.load_dataset(repo, config or None, split="train")[TEXT_FIELD]
-    else:
-        import datasets
-
-        if not isinstance(dataset, datasets.Dataset):
-            raise ValueError(
-                "`dataset` must be 'c4', a .jsonl/.json/.txt path, a list of strings, a datasets.Dataset "
-                f"or a Hub dataset id, got {type(dataset).__name__}"
-            )
-        if TEXT_FIELD not in dataset.column_names:
-            raise ValueError(f"`dataset` has columns {dataset.column_names}; a {TEXT_FIELD!r} column is required")
-        documents = dataset[TEXT_FIELD]
-    if not documents or not all(isinstance(text, str) for text in documents):
-        raise ValueError("`dataset` must hold at least one document, and only strings")
-    return documents
-
-
-def check_source(dataset: Any) -> None:
-    """Fail early, naming ``dataset``, on a source that cannot load: a wrong type or a missing local
-    file (Hub names are only checked when loaded)."""
-    if isinstance(dataset, (str, Path)):
-        _local_file(str(dataset))
-    elif not isinstance(dataset, (list, tuple)):
-        load_documents(dataset)  # a datasets.Dataset (cheap to read) or a type error
-
+__all__ = ["HessianAccumulator", "InputNorms", "calibration_ids"]
 
 def calibration_ids(
     dataset: Any, tokenizer, n_samples: int = 128, seq_len: int = 2048, seed: int = 0

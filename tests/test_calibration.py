@@ -9,8 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from hf_slr.calibration import C4_TRAIN_FILE, HessianAccumulator, InputNorms, calibration_ids, load_documents
-from hf_slr.utils import data_dir
+from hf_slr.calibration import HessianAccumulator, InputNorms, calibration_ids
+from hf_slr.texts import C4_TRAIN_FILE, load_documents
+from hf_slr.texts import data_dir
 
 EOS = 0
 

@@ -145,7 +145,7 @@ class Algorithm:
         if not isinstance(target, Target):
             raise ValueError(f"method {self.name!r}: target must be a Target, got {type(target).__name__}")
         if weight.ndim != 2:
-            raise ValueError(f"method {self.name!r}: weight must be a matrix [out, in], got shape {tuple(weight.shape)}")
+            raise ValueError(f"method {self.name!r}: weight must be a matrix [out, in], got {tuple(weight.shape)}")
         if hessian is not None and tuple(hessian.shape) != (weight.shape[1],) * 2:
             raise ValueError(
                 f"method {self.name!r}: hessian must be [in, in] = {(weight.shape[1],) * 2}, got {tuple(hessian.shape)}"

@@ -8,7 +8,8 @@ outer iteration solves
     (P1, eq. 4)  S = SparseGPT(W - U V) with the fixed H^-1 (its Cholesky factor computed once);
     (P2, eq. 5)  U V ~ W - S, either
       - "closed_form": the reduced-rank regression L = P_r((W - S) H^1/2) H^-1/2 (002 eq. 4; the
-        "improved implementation" of 3BASiL (Makni, Meng & Mazumder, 2025; 002 §4.1 / App. B), whose numbers BENCHMARKS.md reports), or
+        "improved implementation" of 3BASiL (Makni, Meng & Mazumder, 2025; 002 §4.1 / App. B),
+        whose numbers BENCHMARKS.md reports), or
       - "gd": Low-Rank-GD (004 Alg. 1): T_LR = 50 Adam steps at eta_t = 1e-2 / (t + 10) on U and
         the diagonally rescaled V~ = V D of 004 eq. 7 (D = sqrt(diag H), H~ = D^-1 H D^-1 has a
         unit diagonal), warm-started from the previous (U, V); 004 Alg. 2 starts from U = 0 on

@@ -88,9 +88,9 @@ def _number(bound) -> str:
         return ""
     if not isinstance(bound, int):
         return f"{bound:g}"
-    for text, value in ((f"2**{(bound + 1).bit_length() - 1} - 1", bound + 1), (f"-2**{(-bound).bit_length() - 1}", -bound)):
+    for value, text in ((bound + 1, "2**{} - 1"), (-bound, "-2**{}")):
         if value >= 2**32 and (value & (value - 1)) == 0:
-            return text
+            return text.format(value.bit_length() - 1)
     return str(bound)
 
 
@@ -145,7 +145,8 @@ def _field_types(record_type: type) -> dict[str, tuple[type, bool]]:
 def _describe_value(value, expected: type) -> str:
     kind = type(value)
     if kind.__module__ == "numpy":
-        return f"{value!r} (a numpy {kind.__name__}; pass a Python {expected.__name__}, e.g. {expected.__name__}(value))"
+        python = expected.__name__
+        return f"{value!r} (a numpy {kind.__name__}; pass a Python {python}, e.g. {python}(value))"
     if kind in (int, float, str, type(None)):
         return repr(value)
     return f"{value!r} ({kind.__name__})"

@@ -21,7 +21,9 @@ from .projections import SCOPES
 class MagnitudeSvdHyperparameters:
     """Hyperparameters of magnitude pruning + SVD."""
 
-    scope: str = hyperparameter("matrix", choices=SCOPES, doc="magnitude pruning over the whole matrix or per output row")
+    scope: str = hyperparameter(
+        "matrix", choices=SCOPES, doc="magnitude pruning over the whole matrix or per output row"
+    )
 
 
 def decompose(

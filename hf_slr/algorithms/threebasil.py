@@ -38,7 +38,9 @@ class ThreeBASiLHyperparameters:
     """Hyperparameters of 3BASiL (paper / authors' code defaults; 002 App. B)."""
 
     rho: float = hyperparameter(0.1, low=0.0, low_open=True, doc="initial ADMM penalty rho_0 (002 App. B)")
-    rho_update_every: int = hyperparameter(10, low=1, doc="iterations between rho updates / support comparisons (eq. 36)")
+    rho_update_every: int = hyperparameter(
+        10, low=1, doc="iterations between rho updates / support comparisons (eq. 36)"
+    )
     max_iterations: int = hyperparameter(2000, low=1, doc="hard stop of the ADMM")
     min_iterations: int = hyperparameter(
         100, low=0, doc="the stable_support stop is checked only after this many (<= max_iterations)"
@@ -50,7 +52,9 @@ class ThreeBASiLHyperparameters:
     identity_damping: float = hyperparameter(
         0.005, low=0.0, low_open=True, doc="H' = ... + this * mean(diag H) * I (App. B); > 0 keeps dead channels finite"
     )
-    scope: str = hyperparameter("matrix", choices=SCOPES, doc="unstructured support per matrix (authors' code) or per row")
+    scope: str = hyperparameter(
+        "matrix", choices=SCOPES, doc="unstructured support per matrix (authors' code) or per row"
+    )
     oversampling: int = hyperparameter(8, low=0, doc="randomized-SVD sketch = rank + oversampling")
     refit_rounds: int = hyperparameter(1, low=0, doc="polish rounds (S by CG on its support, then the exact L)")
     refit_cg_steps: int = hyperparameter(10, low=0, doc="conjugate-gradient steps per polish round")
@@ -129,7 +133,8 @@ def decompose(
     ``diagnostics["primal_residual"]`` holds ||S - D||_F / ||D||_F after each iteration.
     """
     hp = hyperparameters
-    rho, rho_update_every, max_iterations, min_iterations = hp.rho, hp.rho_update_every, hp.max_iterations, hp.min_iterations
+    rho, rho_update_every = hp.rho, hp.rho_update_every
+    max_iterations, min_iterations = hp.max_iterations, hp.min_iterations
     stable_support, refit_rounds, refit_cg_steps = hp.stable_support, hp.refit_rounds, hp.refit_cg_steps
     history, residuals = [], []
     dtype = torch.promote_types(weight.dtype, torch.float32)

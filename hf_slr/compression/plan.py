@@ -11,7 +11,7 @@ from transformers import AutoTokenizer
 from .. import algorithms
 from ..algorithms import Algorithm
 from ..allocation import uniform_target
-from ..calibration import check_source
+from ..texts import check_source
 from ..integration import block_linears
 from .matching import MatchingHyperparameters
 

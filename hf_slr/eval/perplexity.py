@@ -24,52 +24,27 @@ from __future__ import annotations
 
 import math
 import time
-from pathlib import Path
 
-import datasets
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..utils import data_file
+from ..texts import load_documents
 
 __all__ = ["DATASETS", "load_text", "perplexity"]
 
-WIKITEXT2_FILE = "wikitext-2-raw/wikitext-2-raw-v1.test.gptq_joined.txt"
-C4_FILE = "c4/c4_validation_2k.jsonl"
 C4_DOCS = 1100
 C4_WINDOWS = 256
-LOCAL_SUFFIXES = (".txt", ".json", ".jsonl")
 
 DATASETS = ("wikitext2", "c4")
 """Names of the built-in offline datasets."""
 
 
-def _json_texts(path: str | Path) -> list[str]:
-    return datasets.load_dataset("json", data_files=str(path), split="train")["text"]
-
-
 def load_text(dataset: str, split: str = "test") -> str:
     """The evaluation text of ``dataset`` (see the module docstring); ``split`` applies to Hub datasets."""
-    if dataset == "wikitext2":
-        return data_file(WIKITEXT2_FILE).read_text(encoding="utf-8")
     if dataset == "c4":
-        return " ".join(_json_texts(data_file(C4_FILE))[:C4_DOCS])
-    path = Path(dataset)
-    if path.suffix in LOCAL_SUFFIXES:
-        if not path.is_file():
-            raise FileNotFoundError(f"dataset={dataset!r}: no such file")
-        if path.suffix == ".txt":
-            return path.read_text(encoding="utf-8")
-        return "\n\n".join(_json_texts(path))
-    if "/" in dataset and not path.exists():
-        name, _, config = dataset.partition(":")
-        rows = datasets.load_dataset(name, config or None, split=split)
-        return "\n\n".join(rows["text"])
-    raise ValueError(
-        f"Unknown dataset={dataset!r}; allowed values: {', '.join(map(repr, DATASETS))}, a local "
-        f"{'/'.join(LOCAL_SUFFIXES)} file, or a Hub dataset id 'owner/name[:config]'"
-    )
+        return " ".join(load_documents("c4", "validation")[:C4_DOCS])
+    return "\n\n".join(load_documents(dataset, split))
 
 
 def _window_starts(n_tokens: int, seq_len: int, stride: int, max_windows: int | None) -> list[int]:

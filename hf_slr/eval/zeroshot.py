@@ -3,7 +3,7 @@
 The tasks ``slr_piqa``, ``slr_arc_easy``, ``slr_arc_challenge``, ``slr_hellaswag``, ``slr_boolq``
 and ``slr_rte`` (tag ``slr_zeroshot``) in :data:`TASKS_DIR` are lm-eval's built-in tasks of the same
 name without the prefix (same prompts, choices, targets, metrics and splits: validation, test for
-ARC) reading the local files under :func:`hf_slr.utils.data_dir`. No training splits are
+ARC) reading the local files under :func:`hf_slr.texts.data_dir`. No training splits are
 available offline, so with ``num_fewshot > 0`` lm-eval draws the shots from the evaluated split
 (never the document itself): such numbers are not comparable to the papers'.
 

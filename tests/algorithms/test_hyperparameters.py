@@ -237,7 +237,8 @@ def test_sparsegpt_zero_blocksize_and_percdamp_rejected():
 
 
 def test_threebasil_rho_and_iteration_bounds():
-    assert _rejects("threebasil", {"rho": 0}) == "`method_kwargs['rho']` of method 'threebasil' must be a finite float > 0, got 0"
+    message = _rejects("threebasil", {"rho": 0})
+    assert message == "`method_kwargs['rho']` of method 'threebasil' must be a finite float > 0, got 0"
     _rejects("threebasil", {"rho": -1.0}, "> 0")
     _rejects("threebasil", {"rho": math.inf}, "finite")
     _rejects("threebasil", {"rho_update_every": 0}, "['rho_update_every']", ">= 1")
@@ -275,7 +276,8 @@ def test_history_comes_back_and_ends_at_the_result(name, target):
 @pytest.mark.parametrize("name", [n for n in METHODS if n not in ITERATIVE])
 def test_one_shot_methods_have_no_history(name):
     weight, hessian = _layer()
-    assert get(name).run(weight, hessian if get(name).needs_hessian else None, Target(rank=2, sparsity=0.5)).history == ()
+    hessian = hessian if get(name).needs_hessian else None
+    assert get(name).run(weight, hessian, Target(rank=2, sparsity=0.5)).history == ()
 
 
 def test_threebasil_primal_residuals_are_diagnostics():
@@ -320,8 +322,12 @@ def test_generic_validator_labels_owner_and_field():
     assert record == _Example(2, 0.0, 3, True) and type(record.share) is float
     with pytest.raises(ValueError) as raised:
         check("allocation 'learned'", _Example, {"share": 1.0}, field_label="allocation_kwargs")
-    assert str(raised.value) == "`allocation_kwargs['share']` of allocation 'learned' must be a finite float in [0, 1), got 1.0"
-    with pytest.raises(ValueError, match=r"`tm_kwargs\['seed'\]` of transformer matching must be an int or None, got 1.5"):
+    assert str(raised.value) == (
+        "`allocation_kwargs['share']` of allocation 'learned' must be a finite float in [0, 1), got 1.0"
+    )
+    with pytest.raises(
+        ValueError, match=r"`tm_kwargs\['seed'\]` of transformer matching must be an int or None, got 1.5$"
+    ):
         check("transformer matching", _Example, {"seed": 1.5}, field_label="tm_kwargs")
     with pytest.raises(ValueError, match=r"\['warm'\].* must be a bool, got 1"):
         check("x", _Example, {"warm": 1})

@@ -8,7 +8,7 @@ import torch
 
 from hf_slr.eval import perplexity
 from hf_slr.eval.perplexity import C4_DOCS, load_text
-from hf_slr.utils import data_file
+from hf_slr.texts import data_file
 
 TEXT = "Sparse plus low-rank compression of the quick brown fox, one window at a time.\n\n" * 12
 
@@ -75,7 +75,7 @@ def test_local_jsonl(tmp_path):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"dataset": "wikitext"}, "Unknown dataset='wikitext'; allowed values: 'wikitext2', 'c4'"),
+        ({"dataset": "wikitext"}, "Unknown `dataset`='wikitext'; allowed values: \\['c4', 'wikitext2'\\]"),
         ({"dataset": "missing.txt"}, "no such file"),
         ({"stride": 17}, "stride must be in"),
         ({"seq_len": 100_000}, "fewer than seq_len=100000"),

@@ -1,6 +1,6 @@
 """Offline loaders for the ``slr_*`` lm-eval tasks (their ``custom_dataset``).
 
-Each loader reads the local copy under :func:`hf_slr.utils.data_dir` and returns it in the Hub
+Each loader reads the local copy under :func:`hf_slr.texts.data_dir` and returns it in the Hub
 schema of the built-in lm-eval task, so the YAML prompts are the built-in ones unchanged. lm-eval
 calls them with the task metadata as keyword arguments, which they ignore.
 """
@@ -15,7 +15,7 @@ import re
 from datasets import Dataset, DatasetDict
 from lm_eval.tasks.hellaswag.utils import process_docs as hellaswag_process_docs
 
-from hf_slr.utils import data_file
+from hf_slr.texts import data_file
 
 # HellaSwag items end with ``ctx_b`` (ActivityNet: a sentence start) or a full sentence (WikiHow).
 _SENTENCE_END = re.compile(r"[.!?] ")
