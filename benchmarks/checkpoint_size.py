@@ -4,7 +4,7 @@
 
 Compresses with the data-free ``magnitude_svd`` (the size does not depend on the method), saves
 with ``hf_slr.save_pretrained`` and prints bytes on disk, the bound of
-``hf_slr.serialization.information_bound_bytes`` and the ratios.
+``hf_slr.integration.information_bound_bytes`` and the ratios.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import hf_slr
-from hf_slr.serialization import checkpoint_bytes, information_bound_bytes
+from hf_slr.integration import information_bound_bytes
+from hf_slr.serialization import checkpoint_bytes
 from hf_slr.testing import demo_model_path
 
 

@@ -1,4 +1,4 @@
-"""End-to-end SmolLM2-135M tables: compress with the pipeline, then WikiText-2 / C4 perplexity.
+"""End-to-end SmolLM2-135M tables: compress, then WikiText-2 / C4 perplexity.
 
     python benchmarks/end_to_end.py --suite pipeline            # issue 3 table (pruning vs S+LR at 50%)
     python benchmarks/end_to_end.py --suite methods             # issue 4 table (HASSLE-free, 3BASiL, TM)
@@ -26,7 +26,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import hf_slr
 from hf_slr.allocation.plot import plot_allocation
 from hf_slr.eval import perplexity
-from hf_slr.serialization import kept_fraction
+from hf_slr.integration import kept_fraction
 from hf_slr.testing import demo_model_path
 
 # (name, SLRConfig keyword arguments or None for the dense model)
@@ -94,7 +94,7 @@ def run_one(name: str, kwargs: dict | None, args, tokenizer) -> dict:
         kwargs = dict(kwargs)
         method_kwargs = dict(args.method_overrides.get(kwargs["method"], {}))
         if kwargs.get("transformer_matching"):
-            kwargs["tm_epochs"] = args.tm_epochs
+            kwargs["tm_kwargs"] = {**kwargs.get("tm_kwargs", {}), "epochs": args.tm_epochs}
         config = hf_slr.SLRConfig(
             **kwargs,
             n_samples=args.n_samples,

@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import hf_slr
 from hf_slr.eval import perplexity
-from hf_slr.serialization import kept_fraction
+from hf_slr.integration import kept_fraction
 from hf_slr.testing import demo_model_path
 
 

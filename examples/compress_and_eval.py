@@ -19,7 +19,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import hf_slr
 from hf_slr.eval import perplexity
-from hf_slr.serialization import checkpoint_bytes, information_bound_bytes
+from hf_slr.integration import information_bound_bytes
+from hf_slr.serialization import checkpoint_bytes
 from hf_slr.testing import demo_model_path
 
 

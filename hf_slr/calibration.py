@@ -2,7 +2,7 @@
 
 :func:`calibration_ids` draws the token segments of the SparseGPT/Wanda protocol (004 §5.1: 128
 segments of 2048 tokens from the first C4 training shard); :class:`HessianAccumulator` streams
-H = X^T X over the inputs of Linear layers while the pipeline runs a block forward (the Hessian of
+H = X^T X over the inputs of Linear layers while the compression driver runs a block forward (the Hessian of
 the layer-wise objective, 002 eq. 1, 004 §3) and :class:`InputNorms` the per-channel input norms
 ||X_j|| (OWL's outlier statistics).
 """
