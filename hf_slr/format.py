@@ -31,6 +31,7 @@ import torch.nn.functional as F
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 VERSION_METADATA_KEY = "slr_format_version"
+"""Format 1 also wrote its version into the safetensors metadata; it is checked where present."""
 RECORD_KEY = "weight"
 """Suffix of the per-module record (it sits where a dense Linear keeps its weight)."""
 FACTOR_KEYS = ("U", "V", "sparse_values")
@@ -166,8 +167,8 @@ def read_layouts(
     ``linear_shapes``: (out, in) of the model's Linear layers that may be compressed, by name.
     Raises ``ValueError`` naming the tensor when one is missing, of the wrong dtype or shape.
     """
-    version = index.metadata.get(VERSION_METADATA_KEY)
-    if version is None or not version.isdigit() or int(version) not in READABLE_VERSIONS:
+    version = index.metadata.get(VERSION_METADATA_KEY)  # format 1 wrote it; records carry it since
+    if version is not None and (not version.isdigit() or int(version) not in READABLE_VERSIONS):
         raise ValueError(
             f"safetensors metadata `{VERSION_METADATA_KEY}`={version!r}: not an SLR checkpoint this hf_slr reads "
             f"(versions {list(READABLE_VERSIONS)})"

@@ -59,7 +59,9 @@ class SLRHfQuantizer(HfQuantizer):
         return model
 
     def get_state_dict_and_metadata(self, model):
-        return integration.checkpoint_state_dict(model), {slr_format.VERSION_METADATA_KEY: str(slr_format.FORMAT_VERSION)}
+        # The format version is in every module record; no metadata key (whose order safetensors does not
+        # fix), so that equal models give byte-identical files.
+        return integration.checkpoint_state_dict(model), {}
 
     def is_serializable(self):
         return True

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
 from collections import Counter
 from pathlib import Path
 
+from . import atomic
 from .allocation.plot import plot_allocation
 from .compression.plan import uses_data
 from .config import SLRConfig
@@ -89,19 +89,43 @@ def _matching_text(config: SLRConfig) -> str:
     return f"{schedule.epochs} epochs, batch {schedule.batch_size}, lr {schedule.lr}"
 
 
-def save_pretrained(model, save_directory: str | os.PathLike, tokenizer=None, **kwargs) -> Path:
-    """Write a compressed model atomically: config, safetensors, tokenizer, README.md, report, and
-    ``allocation.png`` when the report has an allocation (owl / learned).
+def is_slr_checkpoint(folder: Path) -> bool:
+    """Whether ``folder`` holds a config.json with ``quant_method: "slr"`` (a checkpoint hf_slr wrote)."""
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and (config.get("quantization_config") or {}).get("quant_method") == "slr"
 
-    Everything is written to a temporary folder beside ``save_directory`` and renamed into place
-    at the end, so a failure never leaves a half-written checkpoint. ``kwargs`` go to
+
+def _replaced_by_a_new_save(relative: Path) -> bool:
+    """Files of an earlier checkpoint that a new save supersedes even when it does not rewrite them:
+    weight shards and their index, the report and the allocation plot."""
+    name = relative.as_posix()
+    return name.endswith(".safetensors") or name.endswith(".safetensors.index.json") or name in (REPORT_FILE, ALLOCATION_PLOT)
+
+
+def save_pretrained(model, save_directory: str | os.PathLike, tokenizer=None, **kwargs) -> Path:
+    """Write a compressed model: config, safetensors, tokenizer, README.md, report, and
+    ``allocation.png`` when the report has an allocation (owl / learned). ``kwargs`` go to
     ``model.save_pretrained``.
+
+    ``save_directory`` must be new, empty, or an earlier hf_slr checkpoint; any other non-empty
+    folder is refused. The checkpoint is written into a temporary sibling folder, fsynced and
+    swapped into place atomically (:mod:`hf_slr.atomic`): a failed or killed save leaves the old
+    checkpoint or the new one, complete. Files of the old folder that the save does not write are
+    kept, except superseded weights, report and plot.
     """
     card = model_card(model)
-    target = Path(save_directory).resolve()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
-    try:
+    target = Path(save_directory).absolute()
+    if target.exists() and not target.is_dir():
+        raise FileExistsError(f"save_directory={str(save_directory)!r} is a file, not a folder")
+    if target.is_dir() and any(target.iterdir()) and not is_slr_checkpoint(target):
+        raise FileExistsError(
+            f"save_directory={str(save_directory)!r} is a non-empty folder that is not an hf_slr checkpoint: "
+            "hf_slr saves into a new folder, an empty one, or over an earlier hf_slr checkpoint; choose another folder"
+        )
+    with atomic.replace_folder(target, replaced=_replaced_by_a_new_save) as tmp:
         model.save_pretrained(tmp, **kwargs)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -111,16 +135,6 @@ def save_pretrained(model, save_directory: str | os.PathLike, tokenizer=None, **
             (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2))
         if report and report.get("allocation"):
             plot_allocation(report["allocation"], tmp / ALLOCATION_PLOT)
-        if target.exists():
-            backup = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-"))
-            os.replace(target, backup / "old")
-            os.replace(tmp, target)
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 

@@ -172,7 +172,7 @@ def test_checkpoint_layout_and_model_card(tiny_dense_dir, tmp_path):
         assert {f"{prefix}.U", f"{prefix}.V", f"{prefix}.sparse_values", f"{prefix}.sparse_indices"} <= keys
         assert f.get_tensor(f"{prefix}.sparse_indices").dtype == torch.uint8
         assert f.get_slice(f"{prefix}.sparse_values").get_shape() == [64, 32]
-        assert f.metadata()["slr_format_version"] == "2"
+        assert f.metadata() == {"format": "pt"}  # no key whose order could differ between runs
         assert f.get_tensor(f"{prefix}.weight").tolist() == [2, 2, 4]  # the module record: version, N, M
     assert not list(tmp_path.glob(".slr.tmp-*")), "temporary folder left behind"
 
