@@ -150,6 +150,15 @@ class Algorithm:
             raise ValueError(
                 f"method {self.name!r}: hessian must be [in, in] = {(weight.shape[1],) * 2}, got {tuple(hessian.shape)}"
             )
+        if not bool(torch.isfinite(weight).all()):
+            raise ValueError(f"method {self.name!r}: the weight holds NaN or inf values")
+        if hessian is not None:
+            if not bool(torch.isfinite(hessian).all()):
+                raise ValueError(f"method {self.name!r}: the Hessian X^T X holds NaN or inf values (overflowing activations?)")
+            if not bool((hessian.diagonal() > 0).any()):
+                # The layer never saw a nonzero input: every (S, U, V) has the same (zero) layer-wise
+                # error, so the data-free objective (H = I, preserve W in Frobenius norm) decides.
+                hessian = torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
         return self.decompose(weight, hessian, target, record, record_history)
 
 

@@ -23,6 +23,10 @@ __all__ = [
 
 # Eigenvalues below this fraction of the largest are treated as zero (dead / collinear channels).
 EIGEN_RELATIVE_FLOOR = 1e-10
+NORM_RELATIVE_FLOOR = 1e-5
+"""Input norms below this fraction of the largest are floored to it (dead channels): the channel
+then weighs < 1e-10 of the largest in any D-scaled objective, and undoing the scaling (D^-1)
+amplifies float32 round-off of the scaled problem by at most 1e5, not 1e10, so values stay bounded."""
 
 
 def pad_factors(u: torch.Tensor, v: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -144,18 +148,20 @@ def damp_hessian(hessian: torch.Tensor, percdamp: float = 0.01) -> torch.Tensor:
     return hessian + damping * torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
 
 
-def input_norms(hessian: torch.Tensor) -> torch.Tensor:
-    """D = sqrt(diag H) = ||X_j||_2 per input channel (Wanda's scale, 004 §4.1.2), float32.
-
-    Dead channels (zero diagonal) get a floor of ``EIGEN_RELATIVE_FLOOR`` x the largest norm so that
-    D^-1 stays finite: they weigh nothing in any D-scaled objective, and projections of a D-scaled
-    matrix are column-wise contractions, so undoing the scaling cannot blow up.
-    """
-    norms = hessian.diagonal().double().clamp_min(0).sqrt()
+def floored_norms(norms: torch.Tensor) -> torch.Tensor:
+    """``norms`` (float32) with dead channels floored at ``NORM_RELATIVE_FLOOR`` x the largest; all
+    ones when every channel is dead."""
+    norms = norms.double().clamp_min(0)
     largest = norms.max()
     if largest <= 0:
         return torch.ones_like(norms, dtype=torch.float32)
-    return norms.clamp_min(EIGEN_RELATIVE_FLOOR * largest).float()
+    return norms.clamp_min(NORM_RELATIVE_FLOOR * largest).float()
+
+
+def input_norms(hessian: torch.Tensor) -> torch.Tensor:
+    """D = sqrt(diag H) = ||X_j||_2 per input channel (Wanda's scale, 004 §4.1.2), float32, with
+    dead channels floored (:func:`floored_norms`) so that D^-1 stays finite and bounded."""
+    return floored_norms(hessian.diagonal().double().clamp_min(0).sqrt())
 
 
 class WhitenedLowRank:

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from ..algorithms import qr_rpca
 from ..algorithms.hyperparameters import ConstraintError, hyperparameter
-from ..algorithms.lowrank import EIGEN_RELATIVE_FLOOR
+from ..algorithms.lowrank import floored_norms
 from .budget import allocate, layer_sizes, project_sparsity
 from .owl import owl_sparsity
 
@@ -95,13 +95,6 @@ class LearnedAllocation:
     layer_sparsity: torch.Tensor
     rank_ratio: torch.Tensor
     loss_curve: list[float] = field(default_factory=list)
-
-
-def _scales(norms: torch.Tensor) -> torch.Tensor:
-    """D = ||X_j||, dead channels floored as in ``lowrank.input_norms`` so that D^-1 stays finite."""
-    norms = norms.double()
-    largest = norms.max()
-    return (norms.clamp_min(EIGEN_RELATIVE_FLOOR * largest) if largest > 0 else torch.ones_like(norms)).float()
 
 
 def _solve(scaled, scales, targets, state, iterations, seed):
@@ -175,7 +168,7 @@ def learn_allocation(
     names = [name for group in groups for name in group]
     shapes = {name: tuple(weights[name].shape) for name in names}
     sizes = layer_sizes(shapes, groups)
-    scales = {name: _scales(norms[name]) for name in names}
+    scales = {name: floored_norms(norms[name]) for name in names}
     scaled = {name: weights[name].float() * scales[name] for name in names}
     if init == "owl":
         start = owl_sparsity(weights, norms, groups, compression_ratio)

@@ -33,7 +33,12 @@ def _decompose(name: str, linear: nn.Linear, hessian: torch.Tensor | None, targe
     """Decompose one Linear in float32 and build its SLRLinear (in the storage dtype) and report entry."""
     start = time.perf_counter()
     weight = linear.weight.detach().float()
-    result = plan.algorithm.run(weight, hessian if plan.algorithm.needs_hessian else None, target, plan.method_hyperparameters)
+    try:
+        result = plan.algorithm.run(weight, hessian if plan.algorithm.needs_hessian else None, target, plan.method_hyperparameters)
+        if not all(bool(torch.isfinite(t).all()) for t in result):
+            raise ValueError("the result holds NaN or inf values")
+    except (ValueError, RuntimeError) as error:
+        raise ValueError(f"{name}: method {plan.algorithm.name!r} failed: {error}") from error
     storage = plan.request.storage_dtype
     layer = SLRLinear.from_dense(
         result.sparse, result.u, result.v, linear.bias, nm_pattern=target.nm_pattern,

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from hf_slr.algorithms.lowrank import (
+    NORM_RELATIVE_FLOOR,
     bilateral_random_projection,
     damp_hessian,
     hessian_sqrt,
@@ -127,5 +128,27 @@ def test_damp_hessian_and_input_norms():
     damped = damp_hessian(hessian, 0.01)
     torch.testing.assert_close(damped, hessian + 0.01 * (20 / 3) * torch.eye(3))
     norms = input_norms(hessian)
-    assert norms[0] == 2 and norms[2] == 4 and 0 < norms[1] < 1e-6
+    assert norms[0] == 2 and norms[2] == 4 and norms[1] == pytest.approx(4 * NORM_RELATIVE_FLOOR)
     assert (input_norms(torch.zeros(3, 3)) == 1).all()
+
+
+@pytest.mark.parametrize("method", ["oats", "activation_svd", "sslc", "qr_rpca", "hassle_free", "threebasil"])
+def test_dead_input_channels_keep_values_bounded_and_a_zero_hessian_falls_back_to_frobenius(method):
+    """A channel that never fires weighs nothing in the objective; undoing the D scaling must not
+    blow its values up (they were ~1000 x max|W| with a 1e-10 floor). A Linear that never fires
+    (H = 0) decomposes as data-free (H = I) instead of crashing."""
+    from hf_slr.algorithms import Target, get
+
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(32, 48, generator=generator)
+    inputs = torch.randn(200, 48, generator=generator)
+    inputs[:, :5] = 0
+    algorithm = get(method)
+    fast = {"threebasil": {"max_iterations": 5, "min_iterations": 1}}.get(method, {"iterations": 3} if method != "activation_svd" else {})
+    target = Target(rank=4, sparsity=0.5)
+    for hessian in (inputs.T @ inputs, torch.zeros(48, 48)):
+        sparse, u, v = algorithm.run(weight, hessian, target, fast)
+        assert float((sparse + u @ v).abs().max()) < 2 * float(weight.abs().max())
+    zero = algorithm.run(weight, torch.zeros(48, 48), target, fast)
+    identity = algorithm.run(weight, torch.eye(48), target, fast)
+    assert torch.equal(zero.sparse, identity.sparse) and torch.equal(zero.u, identity.u)
