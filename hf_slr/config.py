@@ -5,6 +5,7 @@ the library never writes into it (results go to the model and its saved copy of 
 from __future__ import annotations
 
 import copy
+import hashlib
 import inspect
 import math
 import os
@@ -59,6 +60,19 @@ def _check(condition: bool, message: str):
 
 LEGACY_MATCHING_FIELDS = {"tm_epochs": "epochs", "tm_batch_size": "batch_size", "tm_lr": "lr"}
 """Fields of format-1 configs (and of earlier releases) now inside ``tm_kwargs``."""
+
+
+def describe_source(dataset: Any) -> Any:
+    """What a saved config says of the calibration data: a name as is, a local path reduced to its
+    file name, texts by their SHA-256 fingerprint, a ``datasets.Dataset`` by its fingerprint."""
+    if isinstance(dataset, datasets.Dataset):
+        return f"datasets.Dataset@{dataset._fingerprint}"
+    if isinstance(dataset, (list, tuple)) and all(isinstance(text, str) for text in dataset):
+        digest = hashlib.sha256()
+        for text in dataset:
+            digest.update(hashlib.sha256(text.encode("utf-8")).digest())
+        return f"texts@sha256:{digest.hexdigest()[:16]} ({len(dataset)} documents)"
+    return provenance_name(dataset) if isinstance(dataset, str) else dataset
 
 
 def provenance_name(name: str | None) -> str | None:
@@ -129,7 +143,9 @@ class SLRConfig(QuantizationConfigMixin):
         base_model: str | None = None,
         **kwargs,
     ):
-        kwargs.pop("quant_method", None)
+        quant_method = kwargs.pop("quant_method", QUANT_METHOD)
+        if quant_method != QUANT_METHOD:
+            raise ValueError(f"`quant_method` of an SLRConfig must be {QUANT_METHOD!r}, got {quant_method!r}")
         kwargs.pop("compressed_modules", None)  # format 1 listed the layer shapes here; they come from the tensors
         tm_kwargs = dict(tm_kwargs or {})
         for legacy, name in LEGACY_MATCHING_FIELDS.items():
@@ -143,16 +159,23 @@ class SLRConfig(QuantizationConfigMixin):
         self.rank = rank
         self.compression_ratio = compression_ratio
         self.rank_ratio = rank_ratio
+        if isinstance(modules_to_not_convert, str):
+            raise ValueError(
+                f"`modules_to_not_convert` must be a list of module names, got the string {modules_to_not_convert!r} "
+                f"(write [{modules_to_not_convert!r}])"
+            )
         self.modules_to_not_convert = list(modules_to_not_convert) if modules_to_not_convert is not None else None
         # Likewise a datasets.Dataset: kept for this session, described by its fingerprint when serialized.
-        self._dataset_object = dataset if isinstance(dataset, datasets.Dataset) else None
-        self.dataset = f"datasets.Dataset@{dataset._fingerprint}" if self._dataset_object is not None else dataset
+        # What the user passed is kept for this session; `dataset` / `tokenizer` are what may be shared:
+        # no text, no local path, no live object (see `describe_source`).
+        self._dataset_source = dataset
+        self.dataset = describe_source(dataset)
         self.n_samples = n_samples
         self.seq_len = seq_len
         self.seed = seed
         # A tokenizer object is kept for this session only; its name is what gets serialized.
-        self._tokenizer_object = None if tokenizer is None or isinstance(tokenizer, str) else tokenizer
-        self.tokenizer = provenance_name(getattr(tokenizer, "name_or_path", None)) if self._tokenizer_object is not None else tokenizer
+        self._tokenizer_source = tokenizer
+        self.tokenizer = provenance_name(tokenizer if isinstance(tokenizer, str) else getattr(tokenizer, "name_or_path", None))
         self.method_kwargs = dict(method_kwargs or {})
         self.storage_dtype = storage_dtype
         self.transformer_matching = transformer_matching
@@ -176,6 +199,19 @@ class SLRConfig(QuantizationConfigMixin):
             f"`method` must be one of {allowed_methods}, got {self.method!r}",
         )
         _, nm_pattern = parse_sparsity(self.sparsity)
+        if not algorithms.get(self.method).low_rank:
+            _check(
+                not self.rank and not self.rank_ratio,
+                f"method {self.method!r} prunes only (it computes no U V): `rank` and `rank_ratio` must be 0 or unset, "
+                f"got rank={self.rank!r}, rank_ratio={self.rank_ratio!r}",
+            )
+            if nm_pattern is not None and self.compression_ratio is not None:
+                n, m = nm_pattern
+                _check(
+                    _real(self.compression_ratio) and abs(self.compression_ratio - (1 - n / m)) < 1e-9,
+                    f"method {self.method!r} prunes only: with `sparsity`={self.sparsity!r}, `compression_ratio` must be "
+                    f"{1 - n / m} (the pattern's own ratio) or unset, got {self.compression_ratio!r}",
+                )
         if self.rank is not None:
             _check(
                 isinstance(self.rank, int) and not isinstance(self.rank, bool) and self.rank >= 0,
@@ -194,7 +230,7 @@ class SLRConfig(QuantizationConfigMixin):
                     "the ratio and `rank_ratio` decide nnz(S); give `sparsity='N:M'` only for N:M patterns",
                 )
                 _check(
-                    self.rank_ratio is not None,
+                    self.rank_ratio is not None or not algorithms.get(self.method).low_rank,
                     "`rank_ratio` (kappa in [0, 1]) is required with `compression_ratio` and unstructured sparsity",
                 )
             else:
@@ -211,15 +247,16 @@ class SLRConfig(QuantizationConfigMixin):
                 f"`rank_ratio` must be a float in [0, 1], got {self.rank_ratio!r}",
             )
             _check(self.compression_ratio is not None, "`rank_ratio` needs `compression_ratio`")
-        if self.modules_to_not_convert is not None:
-            _check(
-                all(isinstance(name, str) for name in self.modules_to_not_convert),
-                "`modules_to_not_convert` must be a list of module names",
-            )
         _check(
-            isinstance(self.dataset, str) or (isinstance(self.dataset, list) and all(isinstance(t, str) for t in self.dataset)),
-            "`dataset` must be 'c4', a path, a Hub dataset name, a list of strings or a datasets.Dataset, "
-            f"got {type(self.dataset).__name__}",
+            self.modules_to_not_convert is None or all(isinstance(name, str) and name for name in self.modules_to_not_convert),
+            f"`modules_to_not_convert` must be a list of module names, got {self.modules_to_not_convert!r}",
+        )
+        source = self._dataset_source
+        _check(
+            isinstance(source, (str, datasets.Dataset))
+            or (isinstance(source, (list, tuple)) and bool(source) and all(isinstance(t, str) for t in source)),
+            "`dataset` must be 'c4', a path, a Hub dataset name, a non-empty list of strings or a datasets.Dataset, "
+            f"got {type(source).__name__}",
         )
         for field in ("n_samples", "seq_len"):
             value = getattr(self, field)
@@ -229,8 +266,8 @@ class SLRConfig(QuantizationConfigMixin):
             )
         _check(isinstance(self.seed, int) and not isinstance(self.seed, bool), f"`seed` must be an int, got {self.seed!r}")
         _check(
-            self.tokenizer is None or isinstance(self.tokenizer, str),
-            f"`tokenizer` must be a name, a path or a tokenizer object, got {type(self.tokenizer).__name__}",
+            self._tokenizer_source is None or isinstance(self._tokenizer_source, str) or callable(self._tokenizer_source),
+            f"`tokenizer` must be a name, a path or a tokenizer object, got {type(self._tokenizer_source).__name__}",
         )
         algorithms.get(self.method).check(self.method_kwargs)
         _check(
@@ -285,19 +322,19 @@ class SLRConfig(QuantizationConfigMixin):
         return copy.deepcopy({key: value for key, value in self.__dict__.items() if not key.startswith("_")})
 
     @property
-    def tokenizer_object(self):
-        """The tokenizer object passed at construction, if any (not serialized)."""
-        return self._tokenizer_object
+    def tokenizer_source(self):
+        """The tokenizer as passed (an object, a name or a path; not serialized), else ``tokenizer``."""
+        return self._tokenizer_source if self._tokenizer_source is not None else self.tokenizer
 
     @property
     def calibration_data(self):
-        """What calibration reads: the ``datasets.Dataset`` passed at construction, else ``dataset``."""
-        return self._dataset_object if self._dataset_object is not None else self.dataset
+        """What calibration reads: the ``dataset`` as passed (texts, a path, a ``datasets.Dataset``)."""
+        return self._dataset_source
 
     def __deepcopy__(self, memo):
         clone = self.__class__.from_dict(self.to_dict())
-        clone._tokenizer_object = self._tokenizer_object
-        clone._dataset_object = self._dataset_object
+        clone._tokenizer_source = self._tokenizer_source
+        clone._dataset_source = self._dataset_source
         return clone
 
     def __eq__(self, other):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 import os
 import tempfile
@@ -11,7 +12,7 @@ from pathlib import Path
 from . import atomic
 from .allocation.plot import plot_allocation
 from .compression.plan import uses_data
-from .config import SLRConfig
+from .config import SLRConfig, provenance_name
 from .integration import compressed_layers
 
 REPORT_FILE = "slr_report.json"
@@ -25,6 +26,12 @@ def _slr_config(model) -> SLRConfig:
     return config
 
 
+def _cell(text: str) -> str:
+    """``text`` safe inside a Markdown table cell: HTML escaped, pipes and backticks neutralised,
+    one line."""
+    return html.escape(" ".join(str(text).split())).replace("|", "&#124;").replace("`", "&#96;")
+
+
 def model_card(model) -> str:
     """README.md for a compressed model: method, sparsity, ranks, base model, how to load it (the
     layer facts are read from the layers themselves)."""
@@ -33,37 +40,36 @@ def model_card(model) -> str:
     ranks = Counter(layer.rank for layer in layers)
     sparsities = [1.0 - layer.nnz / (layer.out_features * layer.in_features) for layer in layers]
     patterns = {layer.nm_pattern for layer in layers}
-    base = config.base_model or "unknown"
+    base = provenance_name(config.base_model) or "unknown"
     rank_text = ", ".join(f"{rank} ({count} matrices)" for rank, count in sorted(ranks.items()))
     pattern = " and ".join(sorted(f"{p[0]}:{p[1]} semi-structured" if p else "unstructured" for p in patterns))
     calibration = "none (data-free)"
     if uses_data(config):
-        source = config.dataset if isinstance(config.dataset, str) else "custom texts"
-        calibration = f"{source}, {config.n_samples} x {config.seq_len} tokens, seed {config.seed}"
+        calibration = f"{config.dataset}, {config.n_samples} x {config.seq_len} tokens, seed {config.seed}"
     return f"""---
 library_name: transformers
 tags:
 - hf_slr
 - sparse-plus-low-rank
 - compressed
-base_model: {base}
+base_model: {json.dumps(base)}
 ---
 
-# {Path(base).name} compressed to sparse plus low-rank (hf_slr)
+# {_cell(Path(base).name)} compressed to sparse plus low-rank (hf_slr)
 
 Every linear layer of the decoder blocks is stored as W = S + U V: a {pattern} sparse matrix S
 plus rank-r factors U, V, computed by **{config.method}**.
 
 | | |
 |---|---|
-| base model | `{base}` |
-| method | `{config.method}` {json.dumps(config.method_kwargs) if config.method_kwargs else ''} |
+| base model | {_cell(base)} |
+| method | {config.method} {_cell(json.dumps(config.method_kwargs)) if config.method_kwargs else ''} |
 | sparsity of S | {min(sparsities):.4f} to {max(sparsities):.4f} (mean {sum(sparsities) / len(sparsities):.4f}) |
 | ranks | {rank_text} |
 | compressed matrices | {len(sparsities)} |
 | allocation | {config.allocation} |
 | transformer matching | {_matching_text(config)} |
-| calibration | {calibration} |
+| calibration | {_cell(calibration)} |
 
 ## Loading
 
@@ -78,7 +84,7 @@ model = AutoModelForCausalLM.from_pretrained("<this repo>")
 ```
 
 Without it transformers does not know the `slr` method and refuses the checkpoint (a size
-mismatch on the `*.weight` format markers) rather than loading random weights.
+mismatch on the `*.weight` module records) rather than loading random weights.
 """
 
 

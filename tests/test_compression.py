@@ -63,7 +63,8 @@ def tiny_model(arch="llama", layers=2, attn="sdpa", seed=0):
 
 
 def _config(method="wanda", **overrides):
-    fields = dict(method=method, sparsity=0.5, rank=2, dataset=TEXTS, n_samples=N_SAMPLES, seq_len=SEQ_LEN)
+    rank = 2 if algorithms.get(method).low_rank else None  # pruning methods store no U V
+    fields = dict(method=method, sparsity=0.5, rank=rank, dataset=TEXTS, n_samples=N_SAMPLES, seq_len=SEQ_LEN)
     fields["method_kwargs"] = FAST.get(method, {})
     return SLRConfig(**(fields | overrides))
 
@@ -135,11 +136,13 @@ def test_compress_on_load_then_save_and_reload_gives_identical_logits(arch, meth
     assert len(model.slr_report["modules"]) == len(layers)
     assert len(model.slr_report["blocks"]) == model.config.num_hidden_layers
     for layer in layers.values():
-        assert layer.rank == 2 and layer.nnz == layer.in_features * layer.out_features // 2
+        assert layer.rank == (2 if method == "oats" else 0) and layer.nnz == layer.in_features * layer.out_features // 2
     if method == "oats":
         assert all(len(entry["history"]) == 3 for entry in model.slr_report["modules"])
     hf_slr.save_pretrained(model, tmp_path / "compressed", tokenizer=tokenizer)
-    assert f"| calibration | custom texts, {N_SAMPLES} x {SEQ_LEN} tokens, seed 0 |" in (tmp_path / "compressed" / "README.md").read_text()
+    card = (tmp_path / "compressed" / "README.md").read_text()
+    assert f"| calibration | texts@sha256:" in card and f"({len(TEXTS)} documents), {N_SAMPLES} x {SEQ_LEN} tokens, seed 0 |" in card
+    assert TEXTS[0] not in card and TEXTS[0] not in (tmp_path / "compressed" / "config.json").read_text()
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "compressed")
     ids = calibration_ids(TEXTS, tokenizer, 2, SEQ_LEN, seed=7)
     with torch.no_grad():
@@ -257,7 +260,7 @@ def test_offloaded_blocks_compress_like_resident_ones(tokenizer, tmp_path):
     "overrides, error, match",
     [
         (dict(sparsity="1:3"), ValueError, "`sparsity`='1:3' needs in_features divisible by 3"),
-        (dict(rank=40), ValueError, "`rank`"),
+        (dict(method="oats", rank=40), ValueError, "`rank`"),
         (dict(dataset="missing/calibration.jsonl"), FileNotFoundError, "`dataset`"),
         (dict(seq_len=65), ValueError, "`seq_len`=65 exceeds"),
         (dict(tokenizer=None), ValueError, "`tokenizer`"),
@@ -266,7 +269,7 @@ def test_offloaded_blocks_compress_like_resident_ones(tokenizer, tmp_path):
 )
 def test_bad_inputs_fail_before_any_work_and_name_the_field(overrides, error, match, tokenizer):
     model = tiny_model("llama")
-    config = _config("wanda", **({"tokenizer": tokenizer} | overrides))
+    config = _config(**({"method": "wanda", "tokenizer": tokenizer} | overrides))
     with pytest.raises(error, match=match):
         hf_slr.compress(model, config)
     assert not _slr_layers(model) and config.base_model is None

@@ -41,4 +41,5 @@ ALGORITHM = Algorithm(
     decompose=decompose,
     paper="HASSLE-free: A unified Framework for Sparse plus Low-Rank Matrix Decomposition for LLMs "
     "(Makni, Behdin, Xu, Ponomareva & Mazumder, 2025), Theorem 4.1",
+    sparse=False,
 )

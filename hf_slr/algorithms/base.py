@@ -102,13 +102,17 @@ Decompose = Callable[[torch.Tensor, "torch.Tensor | None", Target, Any, bool], D
 class Algorithm:
     """A registered method: its name, whether it needs calibration statistics, its hyperparameter
     record type (a frozen dataclass of ``hyperparameters.hyperparameter`` fields), its
-    ``decompose`` function and the paper it implements (title, authors, year)."""
+    ``decompose`` function, the paper it implements (title, authors, year), and which parts of
+    S + U V it computes (``sparse``: S, ``low_rank``: U V; pruning methods compute no U V, pure
+    low-rank methods no S)."""
 
     name: str
     needs_hessian: bool
     hyperparameters: type
     decompose: Decompose
     paper: str
+    sparse: bool = True
+    low_rank: bool = True
 
     def __post_init__(self):
         if not (isinstance(self.hyperparameters, type) and is_dataclass(self.hyperparameters)):

@@ -50,4 +50,5 @@ ALGORITHM = Algorithm(
     hyperparameters=MagnitudeHyperparameters,
     decompose=decompose,
     paper="Learning both Weights and Connections for Efficient Neural Networks (Han, Pool, Tran & Dally, 2015)",
+    low_rank=False,
 )

@@ -143,4 +143,5 @@ ALGORITHM = Algorithm(
     hyperparameters=SparseGPTHyperparameters,
     decompose=decompose,
     paper="SparseGPT: Massive Language Models Can Be Accurately Pruned in One-Shot (Frantar & Alistarh, 2023)",
+    low_rank=False,
 )

@@ -37,4 +37,5 @@ ALGORITHM = Algorithm(
     hyperparameters=SvdHyperparameters,
     decompose=decompose,
     paper="The approximation of one matrix by another of lower rank (Eckart & Young, 1936)",
+    sparse=False,
 )

@@ -44,4 +44,5 @@ ALGORITHM = Algorithm(
     hyperparameters=WandaHyperparameters,
     decompose=decompose,
     paper="A Simple and Effective Pruning Approach for Large Language Models (Sun, Liu, Bair & Kolter, 2024)",
+    low_rank=False,
 )

@@ -73,11 +73,11 @@ def module_targets(
     loss_curve = []
     if request.allocation == "owl":
         sparsity = owl_sparsity(weights, norms, groups, rho, **hyperparameters)
-        rank_ratio = torch.full((len(shapes),), float(request.rank_ratio), dtype=torch.float64)
+        rank_ratio = torch.full((len(shapes),), float(request.rank_ratio or 0.0), dtype=torch.float64)
     else:
         if hyperparameters["seed"] is None:
             hyperparameters["seed"] = request.seed
-        learned = learn_allocation(weights, norms, groups, rho, request.rank_ratio, loss, n_rows, **hyperparameters)
+        learned = learn_allocation(weights, norms, groups, rho, request.rank_ratio or 0.0, loss, n_rows, **hyperparameters)
         sparsity, rank_ratio, loss_curve = learned.layer_sparsity, learned.rank_ratio, learned.loss_curve
     targets = allocate(shapes, groups, sparsity, rank_ratio, total=kept_total(shapes, rho))
     names = [name for group in groups for name in group]

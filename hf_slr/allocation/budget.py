@@ -16,6 +16,7 @@ import math
 import torch
 
 from ..algorithms import Target
+from ..algorithms import get as get_algorithm
 
 Shapes = dict[str, tuple[int, int]]
 
@@ -29,22 +30,25 @@ DEFAULT_SPARSITY = 0.5
 def uniform_target(out_features: int, in_features: int, request) -> Target:
     """The uniform rule: the same budget for every [out, in] matrix, from ``request`` (an SLRConfig).
 
-    Without ``compression_ratio``: ``rank`` (default 64) and ``sparsity`` (default 0.5, or N:M).
+    Without ``compression_ratio``: ``rank`` (default 64; 0 for a pruning method) and ``sparsity``
+    (default 0.5, or N:M). A pruning method's ``rank_ratio`` is 0.
     With it, the papers' formulas: for N:M, r = floor((1 - rho - N/M) m n / (m + n)) (HASSLE-free
     §5); for unstructured S, with ``rank_ratio`` kappa, r = floor(kappa (1 - rho) m n / (m + n)) and
     nnz(S) = floor((1 - kappa)(1 - rho) m n) (HASSLE-free App. A.3, the OATS rule).
     """
     nm_pattern, sparsity = request.nm_pattern, request.sparsity_fraction
+    low_rank = get_algorithm(request.method).low_rank
     numel, fan = out_features * in_features, out_features + in_features
     if request.compression_ratio is None:
-        rank = DEFAULT_RANK if request.rank is None else request.rank
+        rank = (DEFAULT_RANK if low_rank else 0) if request.rank is None else request.rank
         return Target(rank=rank, sparsity=DEFAULT_SPARSITY if sparsity is None else sparsity, nm_pattern=nm_pattern)
     kept = 1.0 - request.compression_ratio
     if nm_pattern is not None:
         n, m = nm_pattern
         return Target(rank=int(math.floor((kept - n / m) * numel / fan)), sparsity=sparsity, nm_pattern=nm_pattern)
-    nnz = int(math.floor((1.0 - request.rank_ratio) * kept * numel))
-    rank = int(math.floor(request.rank_ratio * kept * numel / fan))
+    kappa = request.rank_ratio or 0.0
+    nnz = int(math.floor((1.0 - kappa) * kept * numel))
+    rank = int(math.floor(kappa * kept * numel / fan))
     return Target(rank=rank, sparsity=(numel - nnz) / numel)
 
 

@@ -89,10 +89,10 @@ def plan_compression(model: nn.Module, request, tokenizer=None) -> CompressionPl
 
 def _calibration_tokenizer(model: nn.Module, request, tokenizer):
     """``tokenizer``, else the request's tokenizer object or name, else the model's own tokenizer."""
-    tokenizer = tokenizer if tokenizer is not None else request.tokenizer_object
-    if tokenizer is not None:
-        return tokenizer
-    name = request.tokenizer or getattr(model.config, "_name_or_path", None)
+    source = tokenizer if tokenizer is not None else request.tokenizer_source
+    if source is not None and not isinstance(source, str):
+        return source
+    name = source or getattr(model.config, "_name_or_path", None)
     if not name:
         raise ValueError(f"Method {request.method!r} needs calibration data: pass `tokenizer` (an object, a name or a path)")
     try:
