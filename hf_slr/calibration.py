@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .integration import projection_shape
 from .texts import load_documents
 
 __all__ = ["HessianAccumulator", "InputNorms", "calibration_ids"]
@@ -96,7 +97,7 @@ class HessianAccumulator(_InputHooks):
     def __init__(self, modules: dict[str, nn.Linear]):
         super().__init__(modules)
         self.hessians = {
-            name: torch.zeros(module.in_features, module.in_features, device=module.weight.device)
+            name: torch.zeros(projection_shape(module)[1], projection_shape(module)[1], device=module.weight.device)
             for name, module in modules.items()
         }
         self.tokens = dict.fromkeys(modules, 0)
@@ -120,7 +121,9 @@ class InputNorms(_InputHooks):
 
     def __init__(self, modules: dict[str, nn.Linear]):
         super().__init__(modules)
-        self.sums = {name: torch.zeros(m.in_features, dtype=torch.float64, device=m.weight.device) for name, m in modules.items()}
+        self.sums = {
+            name: torch.zeros(projection_shape(m)[1], dtype=torch.float64, device=m.weight.device) for name, m in modules.items()
+        }
 
     def _accumulate(self, name: str, x: torch.Tensor):
         self.sums[name] += x.double().pow(2).flatten(0, -2).sum(0)

@@ -160,11 +160,11 @@ _SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch
 
 
 def read_layouts(
-    index: CheckpointIndex, linear_shapes: dict[str, tuple[int, int]], legacy_nm_pattern: tuple[int, int] | None
+    index: CheckpointIndex, linear_shapes: dict[str, tuple[int, int, bool]], legacy_nm_pattern: tuple[int, int] | None
 ) -> dict[str, LayerLayout]:
     """The layout of every compressed module of the checkpoint, checked against its headers.
 
-    ``linear_shapes``: (out, in) of the model's Linear layers that may be compressed, by name.
+    ``linear_shapes``: (out, in, has a bias) of the model's layers that may be compressed, by name.
     Raises ``ValueError`` naming the tensor when one is missing, of the wrong dtype or shape.
     """
     version = index.metadata.get(VERSION_METADATA_KEY)  # format 1 wrote it; records carry it since
@@ -176,6 +176,10 @@ def read_layouts(
     names = index.compressed_modules()
     if not names:
         raise ValueError("The checkpoint has quant_method 'slr' but no compressed module tensors (U, V, sparse_values)")
+    children: dict[str, set[str]] = {}
+    for key in index.shapes:
+        prefix, _, suffix = key.rpartition(".")
+        children.setdefault(prefix, set()).add(suffix)
     layouts = {}
     for name in names:
         if name not in linear_shapes:
@@ -184,8 +188,8 @@ def read_layouts(
         if key not in index.shapes:
             raise ValueError(f"{key}: missing (the module record of a compressed layer)")
         _, nm_pattern = read_record(name, index.tensor(key), legacy_nm_pattern)
-        out, inp = linear_shapes[name]
-        for suffix in FACTOR_KEYS + ((MASK_KEY,) if nm_pattern is None else (INDICES_KEY,)):
+        out, inp, bias = linear_shapes[name]
+        for suffix in FACTOR_KEYS + ((MASK_KEY,) if nm_pattern is None else (INDICES_KEY,)) + (("bias",) if bias else ()):
             if f"{name}.{suffix}" not in index.shapes:
                 raise ValueError(f"{name}.{suffix}: missing from the checkpoint")
         value_key = f"{name}.sparse_values"
@@ -201,9 +205,13 @@ def read_layouts(
             rank=u_shape[1] if len(u_shape) == 2 else -1,
             nnz=math.prod(index.shapes[value_key]),
             nm_pattern=nm_pattern,
-            bias=f"{name}.bias" in index.shapes,
+            bias=bias,
         )
-        for suffix, (shape, expected) in layout.tensor_specs(dtype).items():
+        specs = layout.tensor_specs(dtype)
+        unexpected = sorted(children[name] - set(specs) - {RECORD_KEY})
+        if unexpected:
+            raise ValueError(f"{name}.{unexpected[0]}: unexpected tensor of a compressed module (it stores {sorted(specs)})")
+        for suffix, (shape, expected) in specs.items():
             key = f"{name}.{suffix}"
             found = (index.shapes[key], _SAFETENSORS_DTYPES.get(index.dtypes[key]))
             if found != (shape, expected):

@@ -10,12 +10,40 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from . import format as slr_format
 from .modules import SLRLinear
 
 DEFAULT_SKIPS = ("lm_head",)
 """Modules never compressed (the embeddings are not Linear layers of the blocks anyway)."""
+PROJECTIONS = (nn.Linear, Conv1D)
+"""The layers computing y = x W^T + b that hf_slr compresses: ``nn.Linear`` (W stored [out, in]) and
+GPT-2's ``Conv1D`` (W^T stored, [in, out])."""
+
+
+def projection_shape(module: nn.Module) -> tuple[int, int]:
+    """(out_features, in_features) of a projection layer."""
+    if isinstance(module, Conv1D):
+        return module.nf, module.weight.shape[0]
+    return module.out_features, module.in_features
+
+
+def projection_weight(module: nn.Module) -> torch.Tensor:
+    """W [out, in] of a projection layer (a view for Conv1D, no copy)."""
+    return module.weight.T if isinstance(module, Conv1D) else module.weight
+
+
+def swap_projection_weight(module: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+    """Make ``weight`` [out, in] the layer's W (no autograd); returns the tensor it replaced, in the
+    layer's own storage layout, for :func:`restore_projection_weight`."""
+    previous = module.weight.data
+    module.weight.data = (weight.T if isinstance(module, Conv1D) else weight).to(previous)
+    return previous
+
+
+def restore_projection_weight(module: nn.Module, previous: torch.Tensor) -> None:
+    module.weight.data = previous
 
 
 def matches(name: str, patterns: list[str] | tuple[str, ...]) -> bool:
@@ -23,6 +51,12 @@ def matches(name: str, patterns: list[str] | tuple[str, ...]) -> bool:
     whole components (``"q_proj"``, ``"self_attn.q_proj"``) or a component path inside it
     (``"mlp"`` names every module under ``...mlp.``)."""
     return any(name == p or name.endswith("." + p) or f".{p}." in f".{name}." for p in patterns)
+
+
+def unmatched_patterns(model: nn.Module, patterns: list[str]) -> list[str]:
+    """The ``patterns`` that name no module of ``model`` (see :func:`matches`)."""
+    names = [name for name, _ in model.named_modules()]
+    return [pattern for pattern in patterns if not any(matches(name, [pattern]) for name in names)]
 
 
 def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -40,14 +74,15 @@ def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return max(candidates, key=lambda item: sum(p.numel() for p in item[1].parameters()))
 
 
-def block_linears(model: nn.Module, modules_to_not_convert: list[str] | None = None) -> list[dict[str, nn.Linear]]:
-    """Per decoder block, its ``nn.Linear`` layers by full name, minus ``modules_to_not_convert``."""
+def block_linears(model: nn.Module, modules_to_not_convert: list[str] | None = None) -> list[dict[str, nn.Module]]:
+    """Per decoder block, its projection layers (:data:`PROJECTIONS`) by full name, minus
+    ``modules_to_not_convert``."""
     prefix, blocks = decoder_blocks(model)
     skips = list(DEFAULT_SKIPS) + list(modules_to_not_convert or [])
     groups = []
     for index, block in enumerate(blocks):
         named = ((f"{prefix}.{index}.{name}", module) for name, module in block.named_modules())
-        groups.append({name: module for name, module in named if isinstance(module, nn.Linear) and not matches(name, skips)})
+        groups.append({name: module for name, module in named if isinstance(module, PROJECTIONS) and not matches(name, skips)})
     return groups
 
 
@@ -62,9 +97,10 @@ def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
-def linear_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
-    """(out_features, in_features) of every Linear of the decoder blocks (what a checkpoint may compress)."""
-    return {name: (m.out_features, m.in_features) for group in block_linears(model) for name, m in group.items()}
+def linear_shapes(model: nn.Module) -> dict[str, tuple[int, int, bool]]:
+    """(out_features, in_features, has a bias) of every projection of the decoder blocks (what a
+    checkpoint may compress)."""
+    return {name: (*projection_shape(m), m.bias is not None) for group in block_linears(model) for name, m in group.items()}
 
 
 def build_skeleton(model: nn.Module, layouts: dict[str, slr_format.LayerLayout], dtype: torch.dtype | None = None) -> None:

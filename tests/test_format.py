@@ -107,6 +107,19 @@ def test_config_json_holds_no_layer_shape_and_edits_of_the_request_do_not_change
         (0.5, lambda t: t.update({f"{LAYER}.sparse_mask": t[f"{LAYER}.sparse_mask"].to(torch.int16)}), f"{LAYER}.sparse_mask: expected uint8"),
         (0.5, lambda t: t.update({f"{LAYER}.weight": torch.tensor([9, 0, 0], dtype=torch.uint8)}), "format version 9"),
         ("2:4", lambda t: t.update({f"{LAYER}.weight": torch.tensor([2, 4, 2], dtype=torch.uint8)}), "invalid N:M pattern 4:2"),
+        (0.5, lambda t: t.update({f"{LAYER}.weight": torch.tensor([0, 0, 0], dtype=torch.uint8)}), "format version 0"),
+        (0.5, lambda t: t.update({f"{LAYER}.weight": torch.tensor([2, 0, 0], dtype=torch.int32)}), "not an SLR module record"),
+        (0.5, lambda t: t.update({f"{LAYER}.weight": torch.tensor([[2, 0, 0]], dtype=torch.uint8)}), "not an SLR module record"),
+        (0.5, lambda t: t.update({f"{LAYER}.weight": torch.tensor([2, 0], dtype=torch.uint8)}), "holds \\[version, N, M\\]"),
+        ("2:4", lambda t: t.update({f"{LAYER}.weight": torch.tensor([2, 0, 0], dtype=torch.uint8)}), f"{LAYER}.sparse_mask: missing"),
+        (0.5, lambda t: t.update({f"{LAYER}.weight": torch.tensor([2, 2, 4], dtype=torch.uint8)}), f"{LAYER}.sparse_indices: missing"),
+        (0.5, lambda t: t.update({f"{LAYER}.U": t[f"{LAYER}.U"].to(torch.bfloat16)}), f"{LAYER}.U: expected float32"),
+        (0.5, lambda t: t.update({f"{LAYER}.sparse_mask": t[f"{LAYER}.sparse_mask"][:-1].clone()}), f"{LAYER}.sparse_mask: expected uint8 \\[512\\]"),
+        ("2:4", lambda t: t.update({f"{LAYER}.sparse_indices": t[f"{LAYER}.sparse_indices"][:-1].clone()}), f"{LAYER}.sparse_indices: expected uint8"),
+        ("2:4", lambda t: t.update({f"{LAYER}.sparse_values": t[f"{LAYER}.sparse_values"][:, :-2].clone()}), f"{LAYER}.sparse_values: expected float32 \\[64, 32\\]"),
+        (0.5, lambda t: t.update({f"{LAYER}.bias": torch.zeros(64)}), f"{LAYER}.bias: unexpected tensor"),
+        (0.5, lambda t: t.update({f"{LAYER}.scales": torch.zeros(64)}), f"{LAYER}.scales: unexpected tensor"),
+        (0.5, lambda t: t.update({f"{LAYER}.V": t[f"{LAYER}.V"].T.contiguous()}), f"{LAYER}.V: expected float32 \\[4, 64\\]"),
     ],
 )
 def test_incomplete_or_inconsistent_checkpoints_are_refused_naming_the_tensor(saved, sparsity, corrupt, match):
@@ -149,12 +162,23 @@ def _duplicate_first_position(tensors):
         ("2:4", _duplicate_first_position, f"{LAYER}.sparse_indices: in-group positions"),
         (0.5, lambda t: t[f"{LAYER}.sparse_values"].__setitem__(0, float("nan")), f"{LAYER}.sparse_values: holds NaN"),
         ("2:4", lambda t: t[f"{LAYER}.U"].__setitem__((0, 0), float("inf")), f"{LAYER}.U: holds NaN or inf"),
+        ("2:4", lambda t: t[f"{LAYER}.sparse_values"].__setitem__((3, 3), float("-inf")), f"{LAYER}.sparse_values: holds NaN"),
+        (0.5, lambda t: t[f"{LAYER}.V"].__setitem__((1, 2), float("nan")), f"{LAYER}.V: holds NaN"),
+        (0.5, lambda t: t[f"{LAYER}.sparse_mask"].zero_(), f"{LAYER}.sparse_mask: 0 bits set"),
     ],
 )
 def test_values_that_disagree_with_the_layout_are_refused(saved, sparsity, corrupt, match):
     _, folder = saved(sparsity)
     _edit_tensors(folder, corrupt)
     with pytest.raises(ValueError, match=match):
+        AutoModelForCausalLM.from_pretrained(folder)
+
+
+def test_a_truncated_file_is_refused(saved):
+    _, folder = saved(0.5)
+    path = folder / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(Exception, match="(?i)safetensors|incomplete|invalid|deserializ"):
         AutoModelForCausalLM.from_pretrained(folder)
 
 

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from ..algorithms.base import relative_objective
 from ..allocation import module_targets
 from ..calibration import calibration_ids
-from ..integration import decoder_blocks, replace_module
+from ..integration import decoder_blocks, projection_shape, projection_weight, replace_module
 from ..modules import SLRLinear
 from .capture import capture_block_inputs, dense_pass, forward_block
 from .devices import on_compute_device
@@ -32,7 +32,7 @@ from .statistics import allocation_statistics
 def _decompose(name: str, linear: nn.Linear, hessian: torch.Tensor | None, target, plan: CompressionPlan) -> tuple[SLRLinear, dict]:
     """Decompose one Linear in float32 and build its SLRLinear (in the storage dtype) and report entry."""
     start = time.perf_counter()
-    weight = linear.weight.detach().float()
+    weight = projection_weight(linear).detach().float()
     try:
         result = plan.algorithm.run(weight, hessian if plan.algorithm.needs_hessian else None, target, plan.method_hyperparameters)
         if not all(bool(torch.isfinite(t).all()) for t in result):
@@ -64,7 +64,7 @@ def run(model: nn.Module, plan: CompressionPlan) -> dict:
     request = plan.request
     prefix, blocks = decoder_blocks(model)
     linears = [{name: model.get_submodule(name) for name in names} for names in plan.blocks]
-    shapes = {name: (m.out_features, m.in_features) for group in linears for name, m in group.items()}
+    shapes = {name: projection_shape(m) for group in linears for name, m in group.items()}
     was_training = model.training
     model.eval()
     report = {"modules": [], "blocks": []}

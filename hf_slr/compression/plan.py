@@ -12,7 +12,7 @@ from .. import algorithms
 from ..algorithms import Algorithm
 from ..allocation import uniform_target
 from ..texts import check_source
-from ..integration import block_linears
+from ..integration import block_linears, compressed_layers, projection_shape, unmatched_patterns
 from .matching import MatchingHyperparameters
 
 
@@ -53,29 +53,42 @@ def plan_compression(model: nn.Module, request, tokenizer=None) -> CompressionPl
     ``tokenizer`` (an object) defaults to the request's tokenizer object or name, else the
     model's own (``model.config._name_or_path``); data-free runs load none.
     """
+    if compressed_layers(model):
+        raise ValueError(
+            f"{type(model).__name__} is already SLR-compressed ({len(compressed_layers(model))} SLRLinear layers): "
+            "compress its dense parent, or call `model.dequantize()` first"
+        )
+    unmatched = unmatched_patterns(model, request.modules_to_not_convert or [])
+    if unmatched:
+        raise ValueError(f"`modules_to_not_convert` names {unmatched}, which match no module of {type(model).__name__}")
     groups = block_linears(model, request.modules_to_not_convert)
     linears = {name: linear for group in groups for name, linear in group.items()}
     if not linears:
-        raise ValueError("No Linear layer of the decoder blocks is left to compress: check `modules_to_not_convert`")
+        raise ValueError(
+            "No projection layer (nn.Linear or Conv1D) of the decoder blocks is left to compress: "
+            f"check `modules_to_not_convert`={request.modules_to_not_convert!r}"
+        )
     nm_pattern = request.nm_pattern
     for name, linear in linears.items():
-        if nm_pattern is not None and linear.in_features % nm_pattern[1]:
+        out_features, in_features = projection_shape(linear)
+        if nm_pattern is not None and in_features % nm_pattern[1]:
             raise ValueError(
                 f"`sparsity`={request.sparsity!r} needs in_features divisible by {nm_pattern[1]}, but {name} "
-                f"has in_features={linear.in_features}; leave it dense with `modules_to_not_convert`"
+                f"has in_features={in_features}; leave it dense with `modules_to_not_convert`"
             )
         if request.allocation == "uniform":
-            rank = uniform_target(linear.out_features, linear.in_features, request).rank
-            if rank > min(linear.out_features, linear.in_features):
+            rank = uniform_target(out_features, in_features, request).rank
+            if rank > min(out_features, in_features):
                 raise ValueError(
                     f"The rank {rank} set by `rank` / `compression_ratio` exceeds min(out_features, in_features)="
-                    f"{min(linear.out_features, linear.in_features)} of {name}"
+                    f"{min(out_features, in_features)} of {name}"
                 )
     calibrated = uses_data(request)
     max_positions = getattr(model.config.get_text_config(), "max_position_embeddings", None)
     if calibrated and max_positions is not None and request.seq_len > max_positions:
         raise ValueError(f"`seq_len`={request.seq_len} exceeds the model's max_position_embeddings={max_positions}")
     if calibrated:
+        _check_activation_memory(model, request)
         check_source(request.calibration_data)
     return CompressionPlan(
         request=request,
@@ -85,6 +98,37 @@ def plan_compression(model: nn.Module, request, tokenizer=None) -> CompressionPl
         blocks=[list(group) for group in groups],
         tokenizer=_calibration_tokenizer(model, request, tokenizer) if calibrated else None,
     )
+
+
+ACTIVATION_COPIES = 3
+"""Block activations held at once per calibration token: the block inputs, the dense outputs
+(Hessian pass / matching targets) and the propagated outputs."""
+
+
+def _available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (Linux ``MemAvailable``); None where unknown."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _check_activation_memory(model: nn.Module, request) -> None:
+    """Refuse ``n_samples`` x ``seq_len`` whose float32 block activations cannot fit in memory."""
+    hidden = getattr(model.config.get_text_config(), "hidden_size", None)
+    available = _available_memory()
+    if hidden is None or available is None:
+        return
+    needed = ACTIVATION_COPIES * request.n_samples * request.seq_len * hidden * 4
+    if needed > available:
+        raise ValueError(
+            f"`n_samples`={request.n_samples} x `seq_len`={request.seq_len} needs about {needed / 2**30:.1f} GiB of "
+            f"block activations (hidden size {hidden}), more than the {available / 2**30:.1f} GiB available: lower them"
+        )
 
 
 def _calibration_tokenizer(model: nn.Module, request, tokenizer):

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ..calibration import InputNorms
+from ..integration import projection_weight, restore_projection_weight, swap_projection_weight
 from .capture import BlockCall, forward_block, row_batches
 from .devices import execution_device, on_compute_device
 
@@ -31,7 +32,7 @@ def allocation_statistics(
         norms.update(recorder.norms)
     del hidden
     flat = {name: module for group in linears for name, module in group.items()}
-    statistics = {"norms": norms, "weights": {name: linear.weight.detach() for name, linear in flat.items()}}
+    statistics = {"norms": norms, "weights": {name: projection_weight(linear).detach() for name, linear in flat.items()}}
     if allocation == "learned":
         statistics.update(loss=_lm_loss(model, flat, input_ids), n_rows=len(input_ids))
     return statistics
@@ -46,18 +47,18 @@ def _lm_loss(model: nn.Module, linears: dict[str, nn.Linear], input_ids: torch.L
 
     @torch.no_grad()
     def loss(approximations: dict[str, torch.Tensor], rows: torch.LongTensor) -> float:
-        dense = {name: linears[name].weight.data for name in approximations}
+        dense = {}
         try:
             for name, weight in approximations.items():
-                linears[name].weight.data = weight.to(dense[name])
+                dense[name] = swap_projection_weight(linears[name], weight)
             batch = input_ids[rows].to(device)
             total = sum(
                 float(model(input_ids=batch[part], labels=batch[part], use_cache=False).loss) * len(batch[part])
                 for part in row_batches(len(batch))
             )
         finally:
-            for name, weight in dense.items():
-                linears[name].weight.data = weight
+            for name, previous in dense.items():
+                restore_projection_weight(linears[name], previous)
         return total / len(batch)
 
     return loss
