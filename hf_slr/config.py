@@ -10,6 +10,7 @@ import inspect
 import math
 import os
 import re
+from collections.abc import Mapping
 from typing import Any
 
 import datasets
@@ -49,6 +50,13 @@ def parse_sparsity(value: float | str | None, field: str = "sparsity") -> tuple[
     return float(value), None
 
 
+def _plain_dict(value: Any) -> Any:
+    """A copy of a mapping (None: empty); anything else as is, for the validation to name."""
+    if value is None:
+        return {}
+    return dict(value) if isinstance(value, Mapping) else value
+
+
 def _real(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -77,7 +85,7 @@ def describe_source(dataset: Any) -> Any:
 
 def provenance_name(name: str | None) -> str | None:
     """A model name fit for shared files: a Hub id as is, a local path reduced to its folder name."""
-    if name and (os.path.isabs(name) or os.path.exists(name)):
+    if isinstance(name, str) and name and (os.path.isabs(name) or os.path.exists(name)):
         return os.path.basename(os.path.normpath(name))
     return name
 
@@ -147,7 +155,7 @@ class SLRConfig(QuantizationConfigMixin):
         if quant_method != QUANT_METHOD:
             raise ValueError(f"`quant_method` of an SLRConfig must be {QUANT_METHOD!r}, got {quant_method!r}")
         kwargs.pop("compressed_modules", None)  # format 1 listed the layer shapes here; they come from the tensors
-        tm_kwargs = dict(tm_kwargs or {})
+        tm_kwargs = _plain_dict(tm_kwargs)
         for legacy, name in LEGACY_MATCHING_FIELDS.items():
             if legacy in kwargs:
                 tm_kwargs.setdefault(name, kwargs.pop(legacy))
@@ -176,12 +184,12 @@ class SLRConfig(QuantizationConfigMixin):
         # A tokenizer object is kept for this session only; its name is what gets serialized.
         self._tokenizer_source = tokenizer
         self.tokenizer = provenance_name(tokenizer if isinstance(tokenizer, str) else getattr(tokenizer, "name_or_path", None))
-        self.method_kwargs = dict(method_kwargs or {})
+        self.method_kwargs = _plain_dict(method_kwargs)
         self.storage_dtype = storage_dtype
         self.transformer_matching = transformer_matching
         self.tm_kwargs = tm_kwargs
         self.allocation = allocation
-        self.allocation_kwargs = dict(allocation_kwargs or {})
+        self.allocation_kwargs = _plain_dict(allocation_kwargs)
         self.base_model = provenance_name(base_model)
         self.post_init()
 
