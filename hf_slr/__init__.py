@@ -12,9 +12,10 @@ from .entrypoints import compress
 from .modules import SLRLinear
 from .quantizer import SLRHfQuantizer
 from .serialization import push_to_hub, save_pretrained
+from .streaming import compress_checkpoint
 
 __version__ = "0.1.0"
-__all__ = ["SLRConfig", "SLRHfQuantizer", "SLRLinear", "compress", "push_to_hub", "save_pretrained"]
+__all__ = ["SLRConfig", "SLRHfQuantizer", "SLRLinear", "compress", "compress_checkpoint", "push_to_hub", "save_pretrained"]
 
 
 def _register():

@@ -1,6 +1,6 @@
 """``hf-slr``: compress, evaluate and inspect models from the command line.
 
-    hf-slr compress MODEL_OR_DIR --method oats --sparsity 0.5 --rank 16 --out DIR
+    hf-slr compress MODEL_OR_DIR --method oats --sparsity 0.5 --rank 16 --out DIR    # streamed, resumable
     hf-slr compress MODEL_OR_DIR --method qr_rpca --compression-ratio 0.5 --rank-ratio 0.25 \
         --allocation learned --allocation-kwargs '{"steps": 20}' --out DIR
     hf-slr eval DIR --ppl wikitext2,c4 --tasks piqa,arc_easy --limit 100 --json FILE
@@ -27,11 +27,21 @@ def _load(model_dir: str, dtype: str, **kwargs):
     return AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[dtype], **kwargs)
 
 
+def _download(repo_id: str) -> str:
+    """A local snapshot of a Hub model's config, safetensors and tokenizer files."""
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
+
+
 def compress(args) -> dict:
     import hf_slr
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    try:  # a data-free run needs none; a data-aware one reports a missing tokenizer by name
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
+    except (OSError, ValueError):
+        tokenizer = None
     sparsity = None if args.sparsity is None else (args.sparsity if ":" in args.sparsity else float(args.sparsity))
     config = hf_slr.SLRConfig(
         method=args.method,
@@ -51,9 +61,13 @@ def compress(args) -> dict:
         allocation_kwargs=json.loads(args.allocation_kwargs) if args.allocation_kwargs else None,
     )
     start = time.perf_counter()
-    model = _load(args.model, args.dtype, quantization_config=config)
+    if config.allocation == "uniform" and not args.in_memory:
+        source = args.model if Path(args.model).is_dir() else _download(args.model)
+        folder = hf_slr.compress_checkpoint(source, args.out, config, tokenizer=tokenizer, dtype=DTYPES[args.dtype])
+    else:
+        model = _load(args.model, args.dtype, quantization_config=config)
+        folder = hf_slr.save_pretrained(model, args.out, tokenizer=tokenizer)
     seconds = time.perf_counter() - start
-    folder = hf_slr.save_pretrained(model, args.out, tokenizer=tokenizer)
     return {"checkpoint": str(folder), "method": args.method, "compression_seconds": round(seconds, 1)}
 
 
@@ -134,7 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--allocation-kwargs", default=None, help='JSON, e.g. \'{"steps": 20, "init": "owl"}\'')
     p.add_argument("--dtype", default="float32", choices=list(DTYPES))
-    p.add_argument("--out", required=True, help="output folder (written atomically)")
+    p.add_argument("--out", required=True, help="output folder (written atomically; resumes an interrupted run)")
+    p.add_argument(
+        "--in-memory", action="store_true",
+        help="load the whole dense model instead of streaming it block by block (non-uniform allocations always do)",
+    )
     p.set_defaults(run=compress)
 
     p = commands.add_parser("eval", help="perplexity and zero-shot accuracy of a (compressed) model")

@@ -111,6 +111,18 @@ def _replaced_by_a_new_save(relative: Path) -> bool:
     return name.endswith(".safetensors") or name.endswith(".safetensors.index.json") or name in (REPORT_FILE, ALLOCATION_PLOT)
 
 
+def check_save_target(target: Path, as_given) -> None:
+    """Refuse a target that a save would clobber: a file, or a non-empty folder that is not an
+    hf_slr checkpoint (``as_given``: the path as the user wrote it, for the message)."""
+    if target.exists() and not target.is_dir():
+        raise FileExistsError(f"save_directory={str(as_given)!r} is a file, not a folder")
+    if target.is_dir() and any(target.iterdir()) and not is_slr_checkpoint(target):
+        raise FileExistsError(
+            f"save_directory={str(as_given)!r} is a non-empty folder that is not an hf_slr checkpoint: "
+            "hf_slr saves into a new folder, an empty one, or over an earlier hf_slr checkpoint; choose another folder"
+        )
+
+
 def save_pretrained(model, save_directory: str | os.PathLike, tokenizer=None, **kwargs) -> Path:
     """Write a compressed model: config, safetensors, tokenizer, README.md, report, and
     ``allocation.png`` when the report has an allocation (owl / learned). ``kwargs`` go to
@@ -124,13 +136,7 @@ def save_pretrained(model, save_directory: str | os.PathLike, tokenizer=None, **
     """
     card = model_card(model)
     target = Path(save_directory).absolute()
-    if target.exists() and not target.is_dir():
-        raise FileExistsError(f"save_directory={str(save_directory)!r} is a file, not a folder")
-    if target.is_dir() and any(target.iterdir()) and not is_slr_checkpoint(target):
-        raise FileExistsError(
-            f"save_directory={str(save_directory)!r} is a non-empty folder that is not an hf_slr checkpoint: "
-            "hf_slr saves into a new folder, an empty one, or over an earlier hf_slr checkpoint; choose another folder"
-        )
+    check_save_target(target, save_directory)
     with atomic.replace_folder(target, replaced=_replaced_by_a_new_save) as tmp:
         model.save_pretrained(tmp, **kwargs)
         if tokenizer is not None:

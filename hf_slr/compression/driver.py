@@ -11,6 +11,7 @@ the weights directly.
 
 from __future__ import annotations
 
+import resource
 import time
 
 import torch
@@ -22,11 +23,17 @@ from ..allocation import module_targets
 from ..calibration import calibration_ids
 from ..integration import decoder_blocks, projection_shape, projection_weight, replace_module
 from ..modules import SLRLinear
+from . import distributed
 from .capture import capture_block_inputs, dense_pass, forward_block
 from .devices import on_compute_device
 from .matching import transformer_matching
 from .plan import CompressionPlan
 from .statistics import allocation_statistics
+
+
+def _storage_dtype(plan: CompressionPlan, linear: nn.Module) -> torch.dtype:
+    storage = plan.request.storage_dtype
+    return getattr(torch, storage) if storage else linear.weight.dtype
 
 
 def _decompose(name: str, linear: nn.Linear, hessian: torch.Tensor | None, target, plan: CompressionPlan) -> tuple[SLRLinear, dict]:
@@ -39,10 +46,8 @@ def _decompose(name: str, linear: nn.Linear, hessian: torch.Tensor | None, targe
             raise ValueError("the result holds NaN or inf values")
     except (ValueError, RuntimeError) as error:
         raise ValueError(f"{name}: method {plan.algorithm.name!r} failed: {error}") from error
-    storage = plan.request.storage_dtype
     layer = SLRLinear.from_dense(
-        result.sparse, result.u, result.v, linear.bias, nm_pattern=target.nm_pattern,
-        dtype=getattr(torch, storage) if storage else linear.weight.dtype,
+        result.sparse, result.u, result.v, linear.bias, nm_pattern=target.nm_pattern, dtype=_storage_dtype(plan, linear)
     )
     entry = {
         "module": name,
@@ -54,59 +59,96 @@ def _decompose(name: str, linear: nn.Linear, hessian: torch.Tensor | None, targe
     return layer, entry
 
 
-def run(model: nn.Module, plan: CompressionPlan) -> dict:
-    """Compress ``model`` in place by ``plan``; returns the report ``{"modules": [...], "blocks": [...]}``:
-    per module its relative objective ||X(W - S - U V)||_F^2 / ||X W||_F^2 (H = I when data-free),
-    seconds and, for iterative methods, the objective per iteration (``history``); per block its
-    seconds and, with transformer matching, ``tm_loss_before`` / ``tm_loss_after``. With a non-uniform
-    allocation the targets come from it (computed on the dense model before the first block is
-    compressed) and ``"allocation"`` holds its report."""
+def prepare(model: nn.Module, plan: CompressionPlan, input_ids: torch.LongTensor | None = None):
+    """What the block loop needs before block 0: the calibration rows' block-0 inputs and every
+    block's call arguments (None when no data is used), the targets and the allocation report.
+    ``input_ids`` default to the plan's calibration segments."""
     request = plan.request
-    prefix, blocks = decoder_blocks(model)
+    _, blocks = decoder_blocks(model)
     linears = [{name: model.get_submodule(name) for name in names} for names in plan.blocks]
     shapes = {name: projection_shape(m) for group in linears for name, m in group.items()}
+    inputs = calls = None
+    if plan.uses_data:
+        if input_ids is None:
+            input_ids = calibration_ids(request.calibration_data, plan.tokenizer, request.n_samples, request.seq_len, request.seed)
+        inputs, calls = capture_block_inputs(model, distributed.shard_rows(input_ids))
+    statistics = {}
+    if request.allocation != "uniform":
+        statistics = allocation_statistics(model, request.allocation, blocks, linears, input_ids, inputs, calls)
+    targets, allocation_report = module_targets(shapes, plan.blocks, request, **statistics)
+    return inputs, calls, targets, allocation_report
+
+
+def compress_block(
+    model: nn.Module, plan: CompressionPlan, index: int, targets: dict, inputs: torch.Tensor | None, calls, report: dict
+) -> torch.Tensor | None:
+    """Compress decoder block ``index`` of ``model`` (its Linears replaced in place) and return the
+    next block's inputs (None when no data is used). Appends the modules' and the block's entries
+    to ``report``: per block its seconds, mean relative objective, peak resident memory and, with
+    transformer matching, ``tm_loss_before`` / ``tm_loss_after``."""
+    start = time.perf_counter()
+    prefix, blocks = decoder_blocks(model)
+    block = blocks[index]
+    entry = {"block": f"{prefix}.{index}"}
+    dense = {name: model.get_submodule(name) for name in plan.blocks[index]}
+    owners = distributed.owners({name: projection_shape(linear) for name, linear in dense.items()})
+    rank = distributed.world()[0]
+    entries = []
+    with on_compute_device(block) as device:
+        hessians = {}
+        if plan.needs_hessians:
+            inputs, call = inputs.to(device), calls[index].to(device)
+            hessians, dense_outputs = dense_pass(block, call, inputs, dense)
+            distributed.all_reduce_hessians(hessians)
+        results = {
+            name: _decompose(name, dense[name], hessians.pop(name, None), targets[name], plan)
+            for name in dense
+            if owners[name] == rank
+        }
+        del hessians
+        layers = []
+        for name, linear in dense.items():
+            layer, module_entry = distributed.share_layer(*results.pop(name, (None, None)), owners[name], device, _storage_dtype(plan, linear))
+            replace_module(model, name, layer)
+            layers.append(layer)
+            entries.append(module_entry)
+        del dense
+        if plan.matching is not None:
+            entry["tm_loss_before"], entry["tm_loss_after"] = transformer_matching(
+                block, call, inputs, dense_outputs, layers, plan.matching, seed=plan.request.seed
+            )
+        if plan.needs_hessians:
+            del dense_outputs
+            inputs = forward_block(block, call, inputs) if index + 1 < len(blocks) else None
+    entry["seconds"] = time.perf_counter() - start
+    entry["mean_relative_objective"] = sum(e["relative_objective"] for e in entries) / max(len(entries), 1)
+    entry["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    report["modules"].extend(entries)
+    report["blocks"].append(entry)
+    return inputs
+
+
+def run(model: nn.Module, plan: CompressionPlan) -> dict:
+    """Compress ``model`` in place by ``plan``, block by block; returns the report ``{"modules": [...],
+    "blocks": [...]}``: per module its relative objective ||X(W - S - U V)||_F^2 / ||X W||_F^2 (H = I
+    when data-free), seconds and, for iterative methods, the objective per iteration (``history``);
+    per block see :func:`compress_block`. With a non-uniform allocation the targets come from it
+    (computed on the dense model before the first block is compressed) and ``"allocation"`` holds
+    its report."""
+    _, blocks = decoder_blocks(model)
     was_training = model.training
     model.eval()
     report = {"modules": [], "blocks": []}
     try:
-        if plan.uses_data:
-            input_ids = calibration_ids(request.calibration_data, plan.tokenizer, request.n_samples, request.seq_len, request.seed)
-            inputs, calls = capture_block_inputs(model, input_ids)
-        statistics = {}
-        if request.allocation != "uniform":
-            statistics = allocation_statistics(model, request.allocation, blocks, linears, input_ids, inputs, calls)
-        targets, allocation_report = module_targets(shapes, plan.blocks, request, **statistics)
+        inputs, calls, targets, allocation_report = prepare(model, plan)
         if allocation_report is not None:
             report["allocation"] = allocation_report
-        del statistics
-        progress = tqdm(list(enumerate(blocks)), desc=f"Compressing ({request.method})")
-        for index, block in progress:
-            start = time.perf_counter()
-            block_entry = {"block": f"{prefix}.{index}"}
-            dense, linears[index] = linears[index], None  # the dense weights go with this block
-            with on_compute_device(block) as device:
-                hessians = {}
-                if plan.needs_hessians:
-                    inputs, call = inputs.to(device), calls[index].to(device)
-                    hessians, dense_outputs = dense_pass(block, call, inputs, dense)
-                layers = []
-                for name in list(dense):
-                    layer, entry = _decompose(name, dense.pop(name), hessians.get(name), targets[name], plan)
-                    replace_module(model, name, layer)
-                    layers.append(layer)
-                    report["modules"].append(entry)
-                del hessians
-                if plan.matching is not None:
-                    block_entry["tm_loss_before"], block_entry["tm_loss_after"] = transformer_matching(
-                        block, call, inputs, dense_outputs, layers, plan.matching, seed=request.seed
-                    )
-                if plan.needs_hessians:
-                    del dense_outputs
-                    if index + 1 < len(blocks):
-                        inputs = forward_block(block, call, inputs)
-            block_entry["seconds"] = time.perf_counter() - start
-            report["blocks"].append(block_entry)
-            progress.set_postfix(block_seconds=f"{block_entry['seconds']:.1f}")
+        progress = tqdm(
+            range(len(blocks)), desc=f"Compressing ({plan.request.method})", unit="block", disable=distributed.world()[0] != 0
+        )
+        for index in progress:
+            inputs = compress_block(model, plan, index, targets, inputs, calls, report)
+            progress.set_postfix(block_seconds=f"{report['blocks'][-1]['seconds']:.1f}")
     finally:
         model.train(was_training)
     return report

@@ -13,6 +13,7 @@ from ..algorithms import Algorithm
 from ..allocation import uniform_target
 from ..texts import check_source
 from ..integration import block_linears, compressed_layers, projection_shape, unmatched_patterns
+from . import distributed
 from .matching import MatchingHyperparameters
 
 
@@ -83,6 +84,7 @@ def plan_compression(model: nn.Module, request, tokenizer=None) -> CompressionPl
                     f"The rank {rank} set by `rank` / `compression_ratio` exceeds min(out_features, in_features)="
                     f"{min(out_features, in_features)} of {name}"
                 )
+    distributed.check_supported(request)
     calibrated = uses_data(request)
     max_positions = getattr(model.config.get_text_config(), "max_position_embeddings", None)
     if calibrated and max_positions is not None and request.seq_len > max_positions:
