@@ -21,46 +21,13 @@ import resource
 import time
 from pathlib import Path
 
-import datasets
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainingArguments
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import hf_slr
 from hf_slr.eval import perplexity
-from hf_slr.peft import MODES, get_slr_peft_model
+from hf_slr.peft import MODES, get_slr_peft_model, recovery_trainer
 from hf_slr.testing import demo_model_path
-from hf_slr.texts import data_file
-
-ALPACA_FILE = "alpaca/alpaca_data.first335.json"
-PROMPT = (
-    "Below is an instruction that describes a task{context}. Write a response that appropriately completes "
-    "the request.\n\n### Instruction:\n{instruction}\n\n{input}### Response:\n"
-)
-
-
-def alpaca_prompt(example: dict) -> str:
-    """The Stanford Alpaca prompt, with or without the ``### Input:`` section."""
-    if example["input"]:
-        return PROMPT.format(
-            context=", paired with an input that provides further context",
-            instruction=example["instruction"],
-            input=f"### Input:\n{example['input']}\n\n",
-        )
-    return PROMPT.format(context="", instruction=example["instruction"], input="")
-
-
-def alpaca_dataset(tokenizer, seq_len: int) -> datasets.Dataset:
-    """Prompt + response + EOS, truncated to ``seq_len``; the loss covers the response tokens only."""
-
-    def tokenize(example):
-        prompt = tokenizer(alpaca_prompt(example), add_special_tokens=False).input_ids
-        response = tokenizer(example["output"] + tokenizer.eos_token, add_special_tokens=False).input_ids
-        input_ids = (prompt + response)[:seq_len]
-        labels = ([-100] * len(prompt) + response)[:seq_len]
-        return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels}
-
-    rows = datasets.load_dataset("json", data_files=str(data_file(ALPACA_FILE)), split="train")
-    return rows.map(tokenize, remove_columns=rows.column_names)
 
 
 def peak_rss_mib() -> float:
@@ -95,11 +62,11 @@ def main(argv=None):
     parser.add_argument("--sparsity", help="an N:M pattern such as '2:4' instead of unstructured S")
     parser.add_argument("--mode", choices=MODES, default="factors")
     parser.add_argument("--r", type=int, help="LoRA rank (default: each layer's own rank)")
-    parser.add_argument("--lora-alpha", type=float, help="default: alpha = rank, scaling 1")
+    parser.add_argument("--lora-alpha", type=float, help="default: get_slr_peft_model's (docs/peft.md)")
     parser.add_argument("--max-steps", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--lr", type=float, help="default: hf_slr.peft.DEFAULT_LEARNING_RATE")
     parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=False)
     parser.add_argument("--eval-windows", type=int, default=20)
     parser.add_argument("--eval-seq-len", type=int, default=1024)
@@ -120,25 +87,17 @@ def main(argv=None):
 
     peft_model = get_slr_peft_model(model, r=args.r, lora_alpha=args.lora_alpha, mode=args.mode, task_type="CAUSAL_LM")
     report["trainable_params"] = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
-    training_args = TrainingArguments(
-        output_dir=str(output_dir / "trainer"),
-        max_steps=args.max_steps,
+    trainer = recovery_trainer(
+        peft_model,
+        tokenizer,
+        output_dir / "trainer",
+        args.max_steps,
+        seq_len=args.seq_len,
         per_device_train_batch_size=args.batch_size,
-        learning_rate=args.lr,
-        warmup_steps=args.max_steps // 10,
         logging_steps=max(1, args.max_steps // 10),
         activation_checkpointing=args.gradient_checkpointing,
-        save_strategy="no",
-        report_to=[],
         seed=args.seed,
-        remove_unused_columns=False,
-        use_cpu=not torch.cuda.is_available(),
-    )
-    trainer = Trainer(
-        model=peft_model,
-        args=training_args,
-        train_dataset=alpaca_dataset(tokenizer, args.seq_len),
-        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
+        **({"learning_rate": args.lr} if args.lr else {}),
     )
     start, cpu_start = time.perf_counter(), time.process_time()
     trainer.train()

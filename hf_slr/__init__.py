@@ -9,13 +9,16 @@ from transformers.quantizers import auto as _auto
 
 from .config import QUANT_METHOD, SLRConfig
 from .entrypoints import compress
+from .inference import runtime_forms, set_runtime
 from .modules import SLRLinear
 from .quantizer import SLRHfQuantizer
 from .serialization import push_to_hub, save_pretrained
 from .streaming import compress_checkpoint
 
 __version__ = "0.1.0"
-__all__ = ["SLRConfig", "SLRHfQuantizer", "SLRLinear", "compress", "compress_checkpoint", "push_to_hub", "save_pretrained"]
+__all__ = [
+    "SLRConfig", "SLRHfQuantizer", "SLRLinear", "compress", "push_to_hub", "runtime_forms", "save_pretrained", "set_runtime",
+]
 
 
 def _register():

@@ -11,8 +11,12 @@ Storage (all tensors safetensors can hold; the codec is :mod:`hf_slr.format`, se
   ceil(log2 M) bits each, in the order of ``sparse_values``;
 - ``bias`` [out] when the replaced Linear had one.
 
-The layer does not know how its factors were computed. Its forward reconstructs S densely for
-the duration of the call (a transient, never a stored buffer); fast sparse kernels are future work.
+The layer does not know how its factors were computed. It keeps this storage and the reference
+forward (S rebuilt densely from the packed bits for the call, differentiable in ``sparse_values``,
+U, V), which runs whenever autograd may need gradients (training mode, or grad enabled with an
+input or parameter that requires grad). Inference delegates to :mod:`hf_slr.runtime`: the layer
+prepares once, for its device and dtype, a runtime form that never unpacks bits per call
+(docs/runtime.md); ``runtime`` holds it (a plain attribute, never in the state dict).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .format import INDICES_KEY, MASK_KEY, LayerLayout, index_bits, pack_bits, packed_bytes, unpack_bits
+from .runtime import LayerRuntime, LayerStorage
 
 
 class SLRLinear(nn.Module):
@@ -65,6 +70,12 @@ class SLRLinear(nn.Module):
             index_bytes = packed_bytes(out_features * kept, index_bits(m))
             self.register_buffer(INDICES_KEY, torch.zeros(index_bytes, dtype=torch.uint8, device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, **factory)) if bias else None
+        self.support_key = MASK_KEY if self.nm_pattern is None else INDICES_KEY
+        self.runtime = LayerRuntime()
+        # Model code that initialises its projections by attribute (GPT-2's scaled init of
+        # `c_proj.weight` on load) finds an empty float placeholder: the layer has no dense weight,
+        # and the checkpoint's `<name>.weight` is the module record (hf_slr.format), not this buffer.
+        self.register_buffer("weight", torch.empty(0, **factory), persistent=False)
 
     @classmethod
     def from_layout(cls, layout: LayerLayout, device=None, dtype=None) -> "SLRLinear":
@@ -169,7 +180,41 @@ class SLRLinear(nn.Module):
         """W = S + U V, dense [out, in]."""
         return self.sparse_weight() + self.U @ self.V
 
+    def storage(self) -> LayerStorage:
+        """The stored tensors as the runtime reads them."""
+        return LayerStorage(
+            self.out_features, self.in_features, self.nm_pattern, self.sparse_values, self._buffers[self.support_key], self.U,
+            self.V, self.bias,
+        )
+
+    def needs_autograd(self, x: torch.Tensor) -> bool:
+        """Whether this call may need gradients: then the differentiable reference path runs."""
+        if self.training:
+            return True
+        if not torch.is_grad_enabled():
+            return False
+        tensors = (x, self.sparse_values, self.U, self.V) + ((self.bias,) if self.bias is not None else ())
+        return any(tensor.requires_grad for tensor in tensors)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.needs_autograd(x):
+            return self.reference_forward(x)
+        parameters = self._parameters  # dict lookups: this runs on every call
+        support = self._buffers[self.support_key]
+        tensors = (parameters["sparse_values"], support, parameters["U"], parameters["V"], parameters.get("bias"))
+        form = self.runtime.prepared(tensors, x, self.storage)
+        if form is None:
+            return self.reference_forward(x)
+        out = form(x.reshape(-1, self.in_features))
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    def _apply(self, fn, recurse=True):
+        # .to() / .half() / .cuda() replace the tensors: drop the form prepared from the old ones now.
+        self.runtime.clear()
+        return super()._apply(fn, recurse)
+
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """y = x (S + U V)^T + b with S rebuilt from the packed bits (differentiable)."""
         # Factors may be stored in another dtype than the activations (`storage_dtype`): compute in x's.
         bias = None if self.bias is None else self.bias.to(x.dtype)
         out = F.linear(x, self.sparse_weight().to(x.dtype), bias)

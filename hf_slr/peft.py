@@ -16,29 +16,44 @@ from __future__ import annotations
 
 from collections import Counter
 
+import datasets
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import layer as lora
 from peft.tuners.tuners_utils import check_adapters_to_merge
 from torch import nn
+from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
+from .algorithms.lowrank import balance_factors
 from .integration import compressed_layers, matches
 from .modules import SLRLinear
+from .texts import data_file
 
 MODES = ("factors", "extra")
 SLR_FACTORS = "slr_factors"
 """``init_lora_weights`` of a factors-mode adapter."""
 SUPPORTED_INITS = (True, False, "gaussian", SLR_FACTORS)
+DEFAULT_LEARNING_RATE = 1e-4
+"""AdamW learning rate of :func:`recovery_training_arguments` (measured: docs/peft.md, "Defaults")."""
+ALPACA_FILE = "alpaca/alpaca_data.first335.json"
+ALPACA_PROMPT = (
+    "Below is an instruction that describes a task{context}. Write a response that appropriately completes "
+    "the request.\n\n### Instruction:\n{instruction}\n\n{input}### Response:\n"
+)
 
 
 class SLRLoraLinear(lora.Linear):
     """LoRA layer around an :class:`SLRLinear` (registered with ``LoraConfig._register_custom_module``).
 
     With ``init_lora_weights="slr_factors"`` the adapter replaces the layer's U V (001 §4.3 eq. 9):
-    A = V, B = U / scaling, so the output at initialisation is unchanged. A LoRA rank r above the
-    layer's rank k pads A with PEFT's default init and B with zeros (the extra directions start at
-    zero and can learn); r < k is refused, since truncating U V would change the model. The base
+    A = V, B = U / scaling with U, V first balanced per component (||U[:, c]|| = ||V[c, :]||, the
+    convention of PiSSA, Meng et al. 2024; a no-op on checkpoints whose method ran through
+    ``Algorithm.run``, which balances), so the output at initialisation is unchanged and the two
+    factors start on one scale. A LoRA rank r above the layer's rank k pads A with PEFT's default
+    init and B with zeros, and so are the zero components of U V (the extra directions start at
+    zero and can learn, where zero rows of A and columns of B would get no gradient); r < k is
+    refused, since truncating U V would change the model. The base
     layer keeps its U, V untouched: they are what ``disable_adapter()``, ``unmerge()`` and
     ``unload()`` return to.
 
@@ -76,11 +91,14 @@ class SLRLoraLinear(lora.Linear):
     def reset_lora_parameters(self, adapter_name: str, init_lora_weights) -> None:
         if init_lora_weights != SLR_FACTORS:
             return super().reset_lora_parameters(adapter_name, init_lora_weights)
-        super().reset_lora_parameters(adapter_name, True)  # kaiming A, zero B: the padding beyond rank k
+        super().reset_lora_parameters(adapter_name, True)  # kaiming A, zero B: padding and zero components
         base = self.get_base_layer()
+        u, v = balance_factors(base.U, base.V)  # checkpoints written before Algorithm.run balanced them
+        live = torch.linalg.vector_norm(u.float(), dim=0) > 0
         with torch.no_grad():
-            self.lora_A[adapter_name].weight[: base.rank].copy_(base.V)
-            self.lora_B[adapter_name].weight[:, : base.rank].copy_(base.U / self.scaling[adapter_name])
+            a, b = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
+            a[: base.rank][live] = v[live].to(a.dtype)
+            b[:, : base.rank][:, live] = (u[:, live] / self.scaling[adapter_name]).to(b.dtype)
 
     def _get_in_out_features(self, module: SLRLinear) -> tuple[int, int]:
         return module.in_features, module.out_features
@@ -254,3 +272,70 @@ def load_slr_peft_model(
     return PeftModel.from_pretrained(
         model, adapter_dir, adapter_name=adapter_name, is_trainable=is_trainable, config=config, **kwargs
     )
+
+
+def recovery_training_arguments(output_dir, max_steps: int, **overrides) -> TrainingArguments:
+    """``TrainingArguments`` for LoRA recovery of a compressed model, with the measured defaults.
+
+    AdamW at :data:`DEFAULT_LEARNING_RATE`, 10% linear warmup then linear decay, gradient norm
+    clipped at 1, no checkpoints, no reporting, the CPU when no GPU is present. ``overrides`` replace
+    any field (``per_device_train_batch_size``, ``learning_rate``, ``seed``, ...).
+    """
+    fields = dict(
+        output_dir=str(output_dir),
+        max_steps=max_steps,
+        learning_rate=DEFAULT_LEARNING_RATE,
+        warmup_steps=max(1, max_steps // 10),
+        lr_scheduler_type="linear",
+        max_grad_norm=1.0,
+        logging_steps=max(1, max_steps // 20),
+        save_strategy="no",
+        report_to=[],
+        remove_unused_columns=False,
+        use_cpu=not torch.cuda.is_available(),
+    )
+    return TrainingArguments(**(fields | overrides))
+
+
+def recovery_trainer(
+    peft_model: PeftModel, tokenizer, output_dir, max_steps: int, *, seq_len: int = 256, train_dataset=None, **overrides
+) -> Trainer:
+    """A ``transformers.Trainer`` for LoRA recovery: :func:`recovery_training_arguments` (``overrides``
+    replace its fields), ``train_dataset`` (default: :func:`alpaca_dataset` at ``seq_len``) and a
+    collator that pads the labels with -100."""
+    return Trainer(
+        model=peft_model,
+        args=recovery_training_arguments(output_dir, max_steps, **overrides),
+        train_dataset=alpaca_dataset(tokenizer, seq_len) if train_dataset is None else train_dataset,
+        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
+    )
+
+
+def alpaca_prompt(example: dict) -> str:
+    """The Stanford Alpaca prompt of one example, with or without its ``### Input:`` section."""
+    if example["input"]:
+        return ALPACA_PROMPT.format(
+            context=", paired with an input that provides further context",
+            instruction=example["instruction"],
+            input=f"### Input:\n{example['input']}\n\n",
+        )
+    return ALPACA_PROMPT.format(context="", instruction=example["instruction"], input="")
+
+
+def alpaca_dataset(tokenizer, seq_len: int = 256, path=None) -> datasets.Dataset:
+    """Alpaca as the recovery data of 001 Table 2 / 002 §4.2: prompt + response + EOS, truncated to
+    ``seq_len``, the loss on the response tokens only (``labels`` -100 on the prompt).
+
+    ``path``: a JSON list of ``instruction`` / ``input`` / ``output`` rows (default: the local
+    335-example sample, ``hf_slr.texts.data_file("alpaca/alpaca_data.first335.json")``).
+    """
+
+    def tokenize(example):
+        prompt = tokenizer(alpaca_prompt(example), add_special_tokens=False).input_ids
+        response = tokenizer(example["output"] + tokenizer.eos_token, add_special_tokens=False).input_ids
+        input_ids = (prompt + response)[:seq_len]
+        labels = ([-100] * len(prompt) + response)[:seq_len]
+        return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels}
+
+    rows = datasets.load_dataset("json", data_files=str(path or data_file(ALPACA_FILE)), split="train")
+    return rows.map(tokenize, remove_columns=rows.column_names)

@@ -201,7 +201,7 @@ def test_mixed_formats_in_one_checkpoint_describe_themselves(tiny_dense_dir, tmp
     )
     generator = torch.Generator().manual_seed(0)
     dense = torch.randn(64, 64, generator=generator) * (torch.rand(64, 64, generator=generator) < 0.3)
-    model.model.layers[0].self_attn.q_proj = SLRLinear.from_dense(dense, torch.randn(64, 3), torch.randn(3, 64))
+    model.model.layers[0].self_attn.q_proj = SLRLinear.from_dense(dense, torch.randn(64, 3), torch.randn(3, 64)).eval()
     ids = torch.arange(12).reshape(2, 6)
     reloaded = AutoModelForCausalLM.from_pretrained(hf_slr.save_pretrained(model, tmp_path / "mixed"))
     assert reloaded.model.layers[0].self_attn.q_proj.nm_pattern is None

@@ -7,7 +7,16 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 import hf_slr
-from hf_slr.peft import SLRLoraLinear, get_slr_peft_model, load_slr_peft_model
+from hf_slr.calibration import calibration_ids
+from hf_slr.peft import (
+    DEFAULT_LEARNING_RATE,
+    SLRLoraLinear,
+    alpaca_dataset,
+    get_slr_peft_model,
+    load_slr_peft_model,
+    recovery_training_arguments,
+)
+from test_compression import TEXTS, tiny_model, tokenizer  # noqa: F401  (tokenizer: a fixture)
 from tiny_models import tiny_config
 
 RANK = 4
@@ -72,10 +81,10 @@ def test_training_changes_only_the_adapter(dense_dir, ids, sparsity, mode):
     trainable = {name for name, p in peft_model.named_parameters() if p.requires_grad}
     assert trainable and all(".lora_A." in name or ".lora_B." in name for name in trainable)
     assert sum(p.numel() for p in peft_model.parameters() if p.requires_grad) == factors
-    if mode == "factors":
+    if mode == "factors":  # A = V, B = U: the factors arrive balanced from Algorithm.run
         layer = peft_model.get_base_model().model.layers[1].mlp.down_proj
-        assert torch.equal(layer.lora_A["default"].weight, layer.base_layer.V)
-        assert torch.equal(layer.lora_B["default"].weight, layer.base_layer.U)
+        assert torch.allclose(layer.lora_A["default"].weight, layer.base_layer.V, rtol=1e-6, atol=0)
+        assert torch.allclose(layer.lora_B["default"].weight, layer.base_layer.U, rtol=1e-6, atol=0)
 
     before = {name: t.clone() for name, t in peft_model.state_dict().items()}
     train(peft_model, ids)
@@ -176,3 +185,82 @@ def test_errors(dense_dir):
         get_slr_peft_model(model, init_lora_weights="pissa")
     with pytest.raises(ValueError, match="needs a LoRA rank >= the layer's rank 4"):
         get_slr_peft_model(model, r=2)
+
+
+def _factor_norms(layer):
+    return torch.linalg.vector_norm(layer.lora_B["default"].weight, dim=0), torch.linalg.vector_norm(
+        layer.lora_A["default"].weight, dim=1
+    )
+
+
+@pytest.mark.parametrize("lora_alpha", [None, 32])
+def test_factors_init_balances_unbalanced_checkpoints(dense_dir, ids, lora_alpha):
+    """Checkpoints saved before Algorithm.run balanced U, V: the adapter starts balanced anyway
+    (A = V', B = U' / scaling with ||U'[:, c]|| = ||V'[c, :]||) and the output is unchanged."""
+    model = compressed(dense_dir, "2:4")
+    scales = torch.logspace(-4, 4, RANK)
+    with torch.no_grad():
+        for layer in slr_layers(model).values():
+            layer.U.mul_(scales)
+            layer.V.div_(scales[:, None])
+    reference = logits(model, ids)
+    peft_model = get_slr_peft_model(model, lora_alpha=lora_alpha)
+    assert (logits(peft_model, ids) - reference).abs().max() <= 1e-5
+    layer = peft_model.get_base_model().model.layers[0].self_attn.v_proj
+    b_norm, a_norm = _factor_norms(layer)
+    assert torch.allclose(b_norm * layer.scaling["default"], a_norm, rtol=1e-5)
+
+
+def test_zero_components_start_at_zero_and_learn(dense_dir, ids):
+    """A zero component of U V gets PEFT's padding init (Kaiming A row, zero B column): the output
+    is unchanged and, unlike a zero row and a zero column, it receives a gradient."""
+    model = compressed(dense_dir, 0.5)
+    target = model.model.layers[0].mlp.up_proj
+    with torch.no_grad():
+        target.U[:, 1] = 0
+    reference = logits(model, ids)
+    peft_model = get_slr_peft_model(model)
+    assert (logits(peft_model, ids) - reference).abs().max() <= 1e-6
+    layer = peft_model.get_base_model().model.layers[0].mlp.up_proj
+    assert layer.lora_A["default"].weight[1].abs().sum() > 0 and not layer.lora_B["default"].weight[:, 1].any()
+    peft_model.train()
+    peft_model(ids, labels=ids).loss.backward()
+    assert layer.lora_B["default"].weight.grad[:, 1].abs().sum() > 0
+
+
+def _first_step_gradient_norm(method, tokenizer, method_kwargs):
+    """The LoRA (factors mode) gradient norm of one loss on a tiny Llama compressed at 2:4 + r4.
+
+    Its RMSNorm weights are scaled by 10, as trained LLMs have large-activation channels: the
+    Hessian's scale is what unbalances whitened factors (U x sqrt(lambda), V / sqrt(lambda))."""
+    model = tiny_model()
+    with torch.no_grad():
+        for block in model.model.layers:
+            block.input_layernorm.weight.mul_(10)
+            block.post_attention_layernorm.weight.mul_(10)
+    config = hf_slr.SLRConfig(
+        method=method, sparsity="2:4", rank=4, dataset=TEXTS, n_samples=8, seq_len=32, method_kwargs=method_kwargs
+    )
+    peft_model = get_slr_peft_model(hf_slr.compress(model, config, tokenizer)).train()
+    batch = calibration_ids(TEXTS, tokenizer, 4, 16, seed=3)
+    peft_model(batch, labels=batch).loss.backward()
+    return float(torch.stack([p.grad.norm() for p in peft_model.parameters() if p.requires_grad]).norm())
+
+
+def test_first_step_gradient_norm_does_not_depend_on_the_method(tokenizer):
+    """Unbalanced (all singular values in U) this was ~200x magnitude_svd's for HASSLE-free and
+    3BASiL on this model; balanced it is within 2x."""
+    reference = _first_step_gradient_norm("magnitude_svd", tokenizer, {})
+    for method, kwargs in [("hassle_free", {"iterations": 5}), ("threebasil", {"max_iterations": 30, "min_iterations": 10})]:
+        norm = _first_step_gradient_norm(method, tokenizer, kwargs)
+        assert reference / 10 < norm < 10 * reference, (method, norm, reference)
+
+
+def test_recovery_training_arguments_and_alpaca(tokenizer, tmp_path):
+    args = recovery_training_arguments(tmp_path, max_steps=50, seed=3)
+    assert args.learning_rate == DEFAULT_LEARNING_RATE and args.warmup_steps == 5 and args.seed == 3
+    assert args.max_grad_norm == 1.0 and args.save_strategy == "no" and not args.remove_unused_columns
+    rows = alpaca_dataset(tokenizer, seq_len=48)
+    assert len(rows) == 335 and all(len(row["input_ids"]) == len(row["labels"]) <= 48 for row in rows)
+    assert all(row["labels"][0] == -100 for row in rows)  # the prompt is not scored
+    assert any(label != -100 for row in rows for label in row["labels"])

@@ -146,7 +146,7 @@ def test_nan_weights_are_refused_naming_the_module():
         hf_slr.compress(model, SLRConfig(method="magnitude_svd", rank=2))
 
 
-def test_gpt2_conv1d_projections_compress(tokenizer, tmp_path):
+def test_gpt2_conv1d_projections_compress_save_and_reload(tokenizer, tmp_path):
     torch.manual_seed(0)
     config = GPT2Config(vocab_size=22, n_embd=32, n_layer=2, n_head=4, n_positions=64)
     model = AutoModelForCausalLM.from_config(config).eval()
@@ -161,6 +161,8 @@ def test_gpt2_conv1d_projections_compress(tokenizer, tmp_path):
     ids = torch.arange(12).reshape(2, 6)
     with torch.no_grad():
         compressed = model(ids).logits
+        reloaded = AutoModelForCausalLM.from_pretrained(hf_slr.save_pretrained(model, tmp_path / "gpt2")).eval()
+        assert torch.equal(reloaded(ids).logits, compressed)
         assert torch.allclose(model.dequantize()(ids).logits, compressed, atol=1e-5)
 
 

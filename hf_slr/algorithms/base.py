@@ -14,6 +14,8 @@ decompose, paper)``; :meth:`Algorithm.run` is the public entry:
   :func:`hyperparameters.check_hyperparameters`) or the method's record instance;
 - returns a :class:`Decomposition`: S [out, in] (zeros outside its support), U [out, r], V [r, in],
   and the per-iteration ``history`` of :func:`relative_objective` (empty for one-shot methods).
+  U and V leave :meth:`Algorithm.run` balanced per component (``||U[:, c]|| = ||V[c, :]||``,
+  :func:`lowrank.balance_factors`, PiSSA's convention), whatever the method's solver returned.
 
 A module's ``decompose(weight, hessian, target, hyperparameters, record_history)`` receives the
 validated record. This package is pure tensor math: it imports torch and the standard library only.
@@ -22,13 +24,14 @@ validated record. This package is pure tensor math: it imports torch and the sta
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, is_dataclass
+from dataclasses import dataclass, field, is_dataclass, replace
 from types import MappingProxyType
 from typing import Any, Callable, Mapping
 
 import torch
 
 from .hyperparameters import check_hyperparameters, hyperparameter_values
+from .lowrank import balance_factors
 
 
 @dataclass(frozen=True)
@@ -144,7 +147,11 @@ class Algorithm:
     ) -> Decomposition:
         """Decompose ``weight`` for ``target`` with ``hyperparameters`` (None: the paper defaults;
         a dict or a record: validated by :meth:`check`). ``record_history=False`` skips computing
-        the per-iteration objective (one extra [out, in] x [in, in] product per iteration)."""
+        the per-iteration objective (one extra [out, in] x [in, in] product per iteration).
+
+        The returned U, V are balanced per component (:func:`lowrank.balance_factors`): U V is
+        unchanged up to float rounding, and LoRA fine-tuning of the factors starts well conditioned
+        (PiSSA's convention; the factors mode of 001 §4.3 and 002 §3 trains them directly)."""
         record = self.check(hyperparameters)
         if not isinstance(target, Target):
             raise ValueError(f"method {self.name!r}: target must be a Target, got {type(target).__name__}")
@@ -163,7 +170,9 @@ class Algorithm:
                 # The layer never saw a nonzero input: every (S, U, V) has the same (zero) layer-wise
                 # error, so the data-free objective (H = I, preserve W in Frobenius norm) decides.
                 hessian = torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
-        return self.decompose(weight, hessian, target, record, record_history)
+        result = self.decompose(weight, hessian, target, record, record_history)
+        u, v = balance_factors(result.u, result.v)
+        return replace(result, u=u, v=v)
 
 
 def relative_objective(

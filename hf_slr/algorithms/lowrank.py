@@ -18,6 +18,7 @@ __all__ = [
     "zero_factors",
     "input_norms",
     "pad_factors",
+    "balance_factors",
     "WhitenedLowRank",
 ]
 
@@ -36,6 +37,25 @@ def pad_factors(u: torch.Tensor, v: torch.Tensor, rank: int) -> tuple[torch.Tens
         u = torch.cat([u, u.new_zeros(u.shape[0], missing)], dim=1)
         v = torch.cat([v, v.new_zeros(missing, v.shape[1])], dim=0)
     return u, v
+
+
+def balance_factors(u: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rescale each rank-1 component of U V so that ||U[:, c]|| = ||V[c, :]||; U V is unchanged.
+
+    The convention of PiSSA (Meng, Wang & Zhang, "PiSSA: Principal Singular Values and Singular
+    Vectors Adaptation of Large Language Models", 2024): when U V is an SVD, each side carries the
+    square root of the singular value. Solvers that leave the singular values on one side (U after
+    a whitened SVD, V after a bilateral random projection) produce factors whose scales differ by
+    orders of magnitude, which makes gradient steps on them (LoRA in factors mode, transformer
+    matching) badly conditioned. A component with a zero side is zero on both sides. Computed in
+    float64 and returned in the input dtypes.
+    """
+    u64, v64 = u.double(), v.double()
+    u_norm, v_norm = torch.linalg.vector_norm(u64, dim=0), torch.linalg.vector_norm(v64, dim=1)
+    live = (u_norm > 0) & (v_norm > 0)
+    ratio = torch.where(live, v_norm / torch.where(live, u_norm, 1.0), 0.0).sqrt()
+    inverse = torch.where(live, 1.0 / torch.where(live, ratio, 1.0), 0.0)
+    return (u64 * ratio).to(u.dtype), (v64 * inverse[:, None]).to(v.dtype)
 
 
 def zero_factors(

@@ -66,15 +66,15 @@ def _build():
     return cpp_extension.load(
         name=name,
         sources=[str(SOURCE)],
-        extra_cflags=["-O3", "-std=c++17"],
+        extra_cflags=["-O3"],
         build_directory=_build_directory(),
         verbose=False,
     )
 
 
 def extension():
-    """The compiled module (``masked_rows_linear``, ``masked_rows_dense``, ``best_isa_level``), or
-    None when it cannot be built here (warned once)."""
+    """The compiled module (``masked_rows_linear``, ``masked_rows_prefill``, ``masked_rows_support``,
+    ``best_isa_level``), or None when it cannot be built here (warned once)."""
     if "module" in _state:
         return _state["module"]
     with _lock:

@@ -1,0 +1,216 @@
+"""LoRA recovery after sparse plus low-rank compression, measured as the papers do.
+
+"1+1>2: A Synergistic Sparse and Low-Rank Compression Method for LLMs" (SSLC) Table 2 and
+"3BASiL: An Algorithmic Framework for Sparse plus Low-Rank Compression of LLMs" §4.2 fine-tune the
+compressed model with LoRA on Alpaca and report perplexity and zero-shot accuracy before and after,
+comparing LoRA on the low-rank factors ("factors" mode) with a new LoRA beside them ("extra" mode)
+at the same number of trainable parameters.
+
+Every method compresses SmolLM2-135M (``hf_slr.testing.demo_model_path()``) at 2:4 + rank 16 once
+(small calibration, capped iterations; checkpoints under ``--checkpoints``), then each (method,
+mode) fine-tunes with ``hf_slr.peft``'s defaults (``get_slr_peft_model`` and
+``recovery_training_arguments``) on the local Alpaca sample, and WikiText-2 perplexity plus PIQA /
+ARC-Easy accuracy are measured before and after merging. Every run writes ``OUT/<run>.json`` and
+finished runs are skipped, so an interrupted table resumes.
+
+    python benchmarks/lora_recovery.py                      # compress, evaluate, fine-tune, evaluate
+    python benchmarks/lora_recovery.py --table --plot docs/figures/lora-recovery-2of4-r16.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import hf_slr
+from hf_slr.eval import evaluate_zeroshot, perplexity
+from hf_slr.peft import MODES, get_slr_peft_model, recovery_trainer
+from hf_slr.testing import demo_model_path
+
+# Capped so that each compression takes minutes on 2 shared CPU cores (see docs/results.md).
+METHODS = {
+    "magnitude_svd": {},
+    "hassle_free": {"iterations": 10},
+    "threebasil": {"max_iterations": 100},
+    "sslc": {},
+}
+TASKS = ("piqa", "arc_easy")
+BUDGET = {"sparsity": "2:4", "rank": 16}
+
+
+def compressed_checkpoint(method: str, args) -> Path:
+    """The method's 2:4 + r16 checkpoint, compressed once (calibration ``--n-samples`` x ``--calib-len``)."""
+    folder = Path(args.checkpoints) / f"{method}-2of4-r16"
+    if (folder / "config.json").exists():
+        return folder
+    config = hf_slr.SLRConfig(
+        method=method, **BUDGET, n_samples=args.n_samples, seq_len=args.calib_len, method_kwargs=METHODS[method]
+    )
+    start = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(demo_model_path(), quantization_config=config, dtype=torch.float32)
+    seconds = time.perf_counter() - start
+    hf_slr.save_pretrained(model, folder, tokenizer=AutoTokenizer.from_pretrained(demo_model_path()))
+    (folder / "compression_seconds.json").write_text(json.dumps({"seconds": seconds}))
+    print(f"{method}: compressed in {seconds:.0f} s -> {folder}", flush=True)
+    return folder
+
+
+def evaluate(model, tokenizer, args) -> dict:
+    model.eval()
+    start = time.perf_counter()
+    ppl = perplexity(model, tokenizer, args.ppl_dataset, seq_len=args.eval_seq_len, max_windows=args.eval_windows)["ppl"]
+    zeroshot = evaluate_zeroshot(model, tokenizer, tasks=TASKS, limit=args.zeroshot_limit) if args.zeroshot_limit else {}
+    accuracy = {task: metrics["acc"] for task, metrics in zeroshot.items()}
+    return {"ppl": ppl, "ppl_dataset": args.ppl_dataset, "acc": accuracy, "eval_seconds": time.perf_counter() - start}
+
+
+def finetune(model, tokenizer, mode: str, args) -> tuple[torch.nn.Module, dict]:
+    """LoRA with the library defaults; the merged model and the per-step log."""
+    peft_model = get_slr_peft_model(model, lora_alpha=args.lora_alpha, mode=mode, task_type="CAUSAL_LM")
+    trainer = recovery_trainer(
+        peft_model,
+        tokenizer,
+        Path(args.out) / "trainer",
+        args.steps,
+        seq_len=args.seq_len,
+        per_device_train_batch_size=args.batch_size,
+        logging_steps=1,
+        seed=args.seed,
+        **({"learning_rate": args.lr} if args.lr else {}),
+    )
+    start = time.perf_counter()
+    trainer.train()
+    log = [entry for entry in trainer.state.log_history if "loss" in entry]
+    record = {
+        "trainable_params": sum(p.numel() for p in peft_model.parameters() if p.requires_grad),
+        "learning_rate": trainer.args.learning_rate,
+        "lora_alpha": peft_model.peft_config["default"].lora_alpha,
+        "train_seconds": time.perf_counter() - start,
+        "losses": [entry["loss"] for entry in log],
+        "grad_norms": [entry.get("grad_norm") for entry in log],
+    }
+    return peft_model.merge_and_unload(), record
+
+
+def run(name: str, args, work) -> None:
+    path = Path(args.out) / f"{name}.json"
+    if path.exists():
+        return
+    print(f"== {name}", flush=True)
+    record = {"run": name, **work()}
+    path.write_text(json.dumps(record, indent=1))
+    print(json.dumps({k: v for k, v in record.items() if k not in ("losses", "grad_norms")}), flush=True)
+
+
+def load(method: str, args):
+    folder = compressed_checkpoint(method, args)
+    return AutoModelForCausalLM.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
+
+
+def before(method: str, args) -> dict:
+    model, tokenizer = load(method, args)
+    return evaluate(model, tokenizer, args)
+
+
+def after(method: str, mode: str, args) -> dict:
+    model, tokenizer = load(method, args)
+    merged, record = finetune(model, tokenizer, mode, args)
+    return {**record, **evaluate(merged, tokenizer, args)}
+
+
+def _row(runs: dict, name: str) -> str:
+    record = runs.get(name)
+    if record is None:
+        return " - | - | - |"
+    acc = " / ".join(f"{record['acc'].get(task, float('nan')):.3f}" for task in TASKS) if record["acc"] else "-"
+    return f" {record['ppl']:.2f} | {acc} |"
+
+
+def table(args) -> str:
+    runs = {path.stem: json.loads(path.read_text()) for path in Path(args.out).glob("*.json")}
+    lines = [
+        f"| method | stage | {args.ppl_dataset} ppl | PIQA / ARC-e acc | first / last 10-step mean loss | max grad norm |",
+        "|---|---|---|---|---|---|",
+    ]
+    for method in args.methods:
+        lines.append(f"| {method} | compressed |{_row(runs, f'{method}-before')} - | - |")
+        for mode in args.modes:
+            record = runs.get(f"{method}-{mode}", {})
+            losses, norms = record.get("losses", []), [n for n in record.get("grad_norms", []) if n is not None]
+            curve = f"{sum(losses[:10]) / 10:.3f} / {sum(losses[-10:]) / 10:.3f}" if len(losses) >= 10 else "-"
+            peak = f"{max(norms):.1f}" if norms else "-"
+            lines.append(f"| {method} | + LoRA {mode} |{_row(runs, f'{method}-{mode}')} {curve} | {peak} |")
+    return "\n".join(lines)
+
+
+def plot(args, target: Path) -> None:
+    figure = Figure(figsize=(4 * len(args.methods), 3.2))
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(1, len(args.methods), sharey=True, squeeze=False)[0]
+    for axis, method in zip(axes, args.methods):
+        for mode in args.modes:
+            path = Path(args.out) / f"{method}-{mode}.json"
+            if path.exists():
+                losses = json.loads(path.read_text())["losses"]
+                axis.plot(range(1, len(losses) + 1), losses, label=mode, linewidth=1)
+        axis.set_title(f"{method} 2:4 + r16")
+        axis.set_xlabel("step")
+        axis.grid(alpha=0.3)
+    axes[0].set_ylabel("training loss (Alpaca, per step)")
+    axes[0].legend()
+    figure.tight_layout()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(target, dpi=120)
+    print(f"wrote {target}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument("--checkpoints", default="/tmp/hf_slr_lora_recovery", help="compressed checkpoints")
+    parser.add_argument("--out", default="outputs/lora_recovery")
+    parser.add_argument("--n-samples", type=int, default=16, help="calibration segments")
+    parser.add_argument("--calib-len", type=int, default=256, help="calibration segment length")
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--lr", type=float, help="default: hf_slr.peft.DEFAULT_LEARNING_RATE")
+    parser.add_argument("--lora-alpha", type=float, help="default: get_slr_peft_model's")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--ppl-dataset", choices=("wikitext2", "c4"), default="wikitext2", help="c4: the validation sample")
+    parser.add_argument("--eval-windows", type=int, default=20)
+    parser.add_argument("--eval-seq-len", type=int, default=1024)
+    parser.add_argument("--zeroshot-limit", type=int, default=200, help="documents per task (0: skip)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--compress-only", action="store_true")
+    parser.add_argument("--table", action="store_true", help="print the markdown table of finished runs")
+    parser.add_argument("--plot", help="write the training-loss curves to this PNG")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.table or args.plot:
+        if args.table:
+            print(table(args))
+        if args.plot:
+            plot(args, Path(args.plot))
+        return
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    for method in args.methods:
+        compressed_checkpoint(method, args)
+    if args.compress_only:
+        return
+    for method in args.methods:
+        run(f"{method}-before", args, lambda: before(method, args))
+        for mode in args.modes:
+            run(f"{method}-{mode}", args, lambda: after(method, mode, args))
+
+
+if __name__ == "__main__":
+    main()
