@@ -74,6 +74,9 @@ def main() -> None:
         one, two = _tensors(work / "one0"), _tensors(work / "two0")
         masks = [key for key in one if key.endswith("sparse_mask")]
         differing = sum(not torch.equal(one[key], two[key]) for key in masks)
+        popcount = torch.tensor([bin(byte).count("1") for byte in range(256)])
+        bits = sum(int(popcount[(one[key] ^ two[key]).long()].sum()) for key in masks)
+        total_bits = sum(one[key].numel() * 8 for key in masks)
         ids = torch.arange(64).reshape(2, 32)
         with torch.no_grad():
             logits = [AutoModelForCausalLM.from_pretrained(work / run)(ids).logits for run in ("one0", "two0")]
@@ -85,6 +88,7 @@ def main() -> None:
         "two_processes_s": min(times["two"]),
         "ratio": min(times["two"]) / min(times["one"]),
         "masks_differing": f"{differing} / {len(masks)}",
+        "mask_bits_differing": bits / max(total_bits, 1),
         "max_relative_logit_difference": relative,
     }
     print(json.dumps(result, indent=2))
