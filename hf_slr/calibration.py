@@ -83,7 +83,12 @@ class _InputHooks:
 
 
 class HessianAccumulator(_InputHooks):
-    """Streams H = X^T X (float32, [in, in]) of the inputs X of Linear layers, and counts tokens.
+    """Streams H = X^T X ([in, in]) of the inputs X of Linear layers, and counts tokens.
+
+    The sums are kept in float64 (:attr:`sums`) so that they hardly depend on how the rows were
+    batched or split across processes: one process and an all-reduce of per-rank sums give the
+    same float32 :attr:`hessians` (the products of float32 activations are exact in float64 up
+    to ~1e-16 relative).
 
     A context manager: while open, a forward pre-hook on every layer adds x^T x of each call's
     input, flattened to [tokens, in_features]; X itself is never kept. Layers called on the same
@@ -96,8 +101,8 @@ class HessianAccumulator(_InputHooks):
 
     def __init__(self, modules: dict[str, nn.Linear]):
         super().__init__(modules)
-        self.hessians = {
-            name: torch.zeros(projection_shape(module)[1], projection_shape(module)[1], device=module.weight.device)
+        self.sums = {
+            name: torch.zeros(projection_shape(module)[1], projection_shape(module)[1], dtype=torch.float64, device=module.weight.device)
             for name, module in modules.items()
         }
         self.tokens = dict.fromkeys(modules, 0)
@@ -105,14 +110,19 @@ class HessianAccumulator(_InputHooks):
 
     def _accumulate(self, name: str, x: torch.Tensor):
         if x is not self._last_input or x._version != self._last_version:  # new, or changed in place
-            flat = x.reshape(-1, x.shape[-1]).float()
+            flat = x.reshape(-1, x.shape[-1]).double()
             self._last_input, self._last_version, self._last_product = x, x._version, flat.T @ flat
-        self.hessians[name] += self._last_product
+        self.sums[name] += self._last_product
         self.tokens[name] += x.numel() // x.shape[-1]
 
     def __exit__(self, *exc_info):
         super().__exit__(*exc_info)
         self._last_input = self._last_version = self._last_product = None
+
+    @property
+    def hessians(self) -> dict[str, torch.Tensor]:
+        """H per layer, float32."""
+        return {name: total.float() for name, total in self.sums.items()}
 
 
 class InputNorms(_InputHooks):

@@ -129,7 +129,8 @@ def forward_block(block: nn.Module, call: BlockCall, inputs: torch.Tensor) -> to
 def dense_pass(
     block: nn.Module, call: BlockCall, inputs: torch.Tensor, linears: dict[str, nn.Linear]
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """H = X^T X of every Linear in ``linears`` and the block's outputs, from one forward."""
+    """H = X^T X of every Linear in ``linears`` (float64 sums, see :class:`HessianAccumulator`) and
+    the block's outputs, from one forward."""
     with HessianAccumulator(linears) as accumulator:
         outputs = forward_block(block, call, inputs)
-    return accumulator.hessians, outputs
+    return accumulator.sums, outputs

@@ -98,8 +98,10 @@ def compress_block(
         hessians = {}
         if plan.needs_hessians:
             inputs, call = inputs.to(device), calls[index].to(device)
-            hessians, dense_outputs = dense_pass(block, call, inputs, dense)
-            distributed.all_reduce_hessians(hessians)
+            sums, dense_outputs = dense_pass(block, call, inputs, dense)
+            distributed.all_reduce_hessians(sums)  # float64: the same H whatever the row split
+            hessians = {name: total.float() for name, total in sums.items()}
+            del sums
         results = {
             name: _decompose(name, dense[name], hessians.pop(name, None), targets[name], plan)
             for name in dense
