@@ -43,6 +43,7 @@ METHODS = {
 }
 TASKS = ("piqa", "arc_easy")
 BUDGET = {"sparsity": "2:4", "rank": 16}
+SMOOTHING = 10  # steps of the running mean drawn over the per-step losses (batches of 4 vary a lot)
 
 
 def compressed_checkpoint(method: str, args) -> Path:
@@ -158,12 +159,16 @@ def plot(args, target: Path) -> None:
         for mode in args.modes:
             path = Path(args.out) / f"{method}-{mode}.json"
             if path.exists():
-                losses = json.loads(path.read_text())["losses"]
-                axis.plot(range(1, len(losses) + 1), losses, label=mode, linewidth=1)
+                losses = torch.tensor(json.loads(path.read_text())["losses"])
+                steps = torch.arange(1, len(losses) + 1)
+                line = axis.plot(steps, losses, linewidth=0.5, alpha=0.35)[0]
+                window = min(SMOOTHING, len(losses))
+                mean = losses.unfold(0, window, 1).mean(1)  # trailing mean over `window` steps
+                axis.plot(steps[window - 1 :], mean, color=line.get_color(), linewidth=1.8, label=f"{mode} ({window}-step mean)")
         axis.set_title(f"{method} 2:4 + r16")
         axis.set_xlabel("step")
         axis.grid(alpha=0.3)
-    axes[0].set_ylabel("training loss (Alpaca, per step)")
+    axes[0].set_ylabel("training loss (Alpaca)")
     axes[0].legend()
     figure.tight_layout()
     target.parent.mkdir(parents=True, exist_ok=True)

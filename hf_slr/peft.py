@@ -34,7 +34,7 @@ MODES = ("factors", "extra")
 SLR_FACTORS = "slr_factors"
 """``init_lora_weights`` of a factors-mode adapter."""
 SUPPORTED_INITS = (True, False, "gaussian", SLR_FACTORS)
-DEFAULT_LEARNING_RATE = 1e-4
+DEFAULT_LEARNING_RATE = 1e-3
 """AdamW learning rate of :func:`recovery_training_arguments` (measured: docs/peft.md, "Defaults")."""
 ALPACA_FILE = "alpaca/alpaca_data.first335.json"
 ALPACA_PROMPT = (
