@@ -3,6 +3,7 @@
     python benchmarks/end_to_end.py --suite pipeline            # issue 3 table (pruning vs S+LR at 50%)
     python benchmarks/end_to_end.py --suite methods             # issue 4 table (HASSLE-free, 3BASiL, TM)
     python benchmarks/end_to_end.py --suite allocation          # issue 6 table (uniform / OWL / learned)
+    python benchmarks/end_to_end.py --suite sslc_ablation       # issue 16: SSLC, one change per row
     python benchmarks/end_to_end.py --suite all                 # all of them, in PRIORITY order
     python benchmarks/end_to_end.py --suite pipeline --table    # print the markdown table of finished runs
 
@@ -57,6 +58,16 @@ SUITES = {
         ("threebasil-cr0.5", {"method": "threebasil", **FIXED_RATIO}),
         ("hassle_free-cr0.5", {"method": "hassle_free", **FIXED_RATIO}),
     ],
+    # Issue 16: why SSLC lost to Wanda. One change per row from the former default (whole-matrix
+    # threshold, kappa 0.25 = 12.5% of the parameters in U V) to the paper's reading (per-row, r = 18).
+    "sslc_ablation": [
+        ("sslc-matrix-k0.25", {"method": "sslc", **FIXED_RATIO, "method_kwargs": {"scope": "matrix"}}),
+        ("sslc-row-k0.25", {"method": "sslc", **FIXED_RATIO, "method_kwargs": {"scope": "row"}}),
+        ("sslc-matrix-paper", {"method": "sslc", "compression_ratio": 0.5, "method_kwargs": {"scope": "matrix"}}),
+        ("sslc-row-paper", {"method": "sslc", "compression_ratio": 0.5, "method_kwargs": {"scope": "row"}}),
+        ("sslc-row-paper-nopreserve", {"method": "sslc", "compression_ratio": 0.5, "method_kwargs": {"scope": "row", "preserve_fraction": 0.0}}),
+        ("sslc-row-paper-T10", {"method": "sslc", "compression_ratio": 0.5, "method_kwargs": {"scope": "row", "iterations": 10}}),
+    ],
     "allocation": [
         (f"qr_rpca-cr{ratio}-{allocation}", {"method": "qr_rpca", "compression_ratio": ratio, "rank_ratio": 0.25, "allocation": allocation})
         for ratio in (0.5, 0.4)
@@ -92,7 +103,7 @@ def run_one(name: str, kwargs: dict | None, args, tokenizer) -> dict:
         result["kept_fraction"] = 1.0
     else:
         kwargs = dict(kwargs)
-        method_kwargs = dict(args.method_overrides.get(kwargs["method"], {}))
+        method_kwargs = {**kwargs.pop("method_kwargs", {}), **args.method_overrides.get(kwargs["method"], {})}
         if kwargs.get("transformer_matching"):
             kwargs["tm_kwargs"] = {**kwargs.get("tm_kwargs", {}), "epochs": args.tm_epochs}
         config = hf_slr.SLRConfig(

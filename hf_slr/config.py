@@ -102,7 +102,9 @@ class SLRConfig(QuantizationConfigMixin):
             follows the papers' formulas instead of ``rank``: for N:M, r = floor((1 - rho - N/M) m n /
             (m + n)) (004 §5); for unstructured S, with ``rank_ratio`` kappa, r = floor(kappa (1 - rho) m n /
             (m + n)) and nnz(S) = floor((1 - kappa)(1 - rho) m n) (004 App. A.3, OATS).
-        rank_ratio: kappa, the share of the kept parameters spent on U, V (unstructured only).
+        rank_ratio: kappa, the share of the kept parameters spent on U, V (unstructured only). Unset,
+            the method's own paper split decides (``hf_slr.algorithms.get(method).split``: SSLC rank
+            128 at width 4096 scaled to the layer, 3BASiL 64 at 4096, OATS / HASSLE-free kappa 0.3).
         modules_to_not_convert: module names (or name suffixes) left dense; ``lm_head`` and the
             embeddings always stay dense.
         dataset: calibration data: ``"c4"`` (the local C4 train sample), a path, a list of strings,
@@ -114,12 +116,14 @@ class SLRConfig(QuantizationConfigMixin):
         storage_dtype: dtype of the stored S values and U, V (default: the model's dtype).
         transformer_matching: block-output matching after each block is compressed (3BASiL-TM §3).
         tm_kwargs: its schedule, ``epochs``, ``batch_size``, ``lr`` (App. B defaults: 20, 8, 2e-5
-            cosine); ``tm_epochs``, ``tm_batch_size``, ``tm_lr`` are accepted as aliases.
+            cosine) and ``precision`` ("auto": bfloat16 autocast where native, float32 parameters);
+            ``tm_epochs``, ``tm_batch_size``, ``tm_lr`` are accepted as aliases.
         allocation: how the budget is spread over matrices: ``"uniform"``; ``"owl"`` (per-layer
             sparsity from outlier ratios, Yin et al. 2024); ``"learned"`` (per-layer sparsity and
             per-matrix rank ratio by the bilevel outer loop of 000). ``owl`` and ``learned`` need
             ``compression_ratio`` with unstructured sparsity (``rank_ratio`` is kappa, the initial one
-            for ``learned``) and meet its total budget exactly. See docs/allocation.md.
+            for ``learned``) and meet its total budget exactly; for a pruning method ``sparsity=0.6``
+            means ``compression_ratio=0.6`` (:attr:`effective_compression_ratio`). See docs/allocation.md.
         allocation_kwargs: hyperparameters of ``allocation`` (validated against
             ``hf_slr.allocation.ALLOCATIONS[allocation]``).
         base_model: name of the dense model that was compressed: set on the compressed model's own
@@ -237,10 +241,6 @@ class SLRConfig(QuantizationConfigMixin):
                     "`sparsity` and `compression_ratio` are exclusive for unstructured sparsity: "
                     "the ratio and `rank_ratio` decide nnz(S); give `sparsity='N:M'` only for N:M patterns",
                 )
-                _check(
-                    self.rank_ratio is not None or not algorithms.get(self.method).low_rank,
-                    "`rank_ratio` (kappa in [0, 1]) is required with `compression_ratio` and unstructured sparsity",
-                )
             else:
                 n, m = nm_pattern
                 _check(
@@ -290,10 +290,11 @@ class SLRConfig(QuantizationConfigMixin):
         )
         if self.allocation != "uniform":
             _check(
-                self.compression_ratio is not None and nm_pattern is None,
+                self.effective_compression_ratio is not None and nm_pattern is None,
                 f"`allocation`={self.allocation!r} spreads the budget of `compression_ratio` over layers with "
-                "unstructured sparsity: it needs `compression_ratio` and `rank_ratio`, not a fixed `rank` / "
-                "`sparsity` or an N:M pattern (use allocation='uniform' for those)",
+                "unstructured sparsity: it needs `compression_ratio` and `rank_ratio` (a pruning method: "
+                "`compression_ratio` or `sparsity`), not a fixed `rank` / `sparsity` or an N:M pattern "
+                "(use allocation='uniform' for those)",
             )
         check_allocation_kwargs(self.allocation, self.allocation_kwargs)
         _check(
@@ -310,6 +311,19 @@ class SLRConfig(QuantizationConfigMixin):
     def sparsity_fraction(self) -> float | None:
         """``sparsity`` as a fraction of zeros (``"2:4"`` -> 0.5), None when unset."""
         return parse_sparsity(self.sparsity)[0]
+
+    @property
+    def effective_compression_ratio(self) -> float | None:
+        """rho, the fraction of parameters removed that the budget rules spread: ``compression_ratio``;
+        unset, for a pruning method (no U V) with unstructured ``sparsity``, that sparsity (a pruned
+        matrix keeps 1 - sparsity of its parameters, rank 0: ``SLRConfig(method="wanda",
+        sparsity=0.6, allocation="owl")`` is ``compression_ratio=0.6``); else None. Derived, never
+        written into the config."""
+        if self.compression_ratio is not None:
+            return self.compression_ratio
+        if not algorithms.get(self.method).low_rank and self.sparsity is not None and self.nm_pattern is None:
+            return self.sparsity_fraction
+        return None
 
     @property
     def method_hyperparameters(self):

@@ -227,11 +227,25 @@ def test_transformer_matching_reduces_block_error_and_keeps_the_support(method, 
             assert torch.equal(plain_layers[name].support(), matched_layers[name].support())
             assert not torch.equal(plain_layers[name].sparse_values, matched_layers[name].sparse_values)
         assert matched_layers[name].nnz == plain_layers[name].nnz
-    slr_names = {f"{name}.{p}" for name in matched_layers for p in ("sparse_values", "U", "V", "sparse_mask")}
     dense_state = dense.state_dict()
     for key, value in matched.state_dict().items():
-        if key not in slr_names:  # nothing but S values, U and V is trained
+        if not key.startswith("model.layers."):  # only the blocks' parameters are trained
             assert torch.equal(value, dense_state[key]), key
+    # "all parameters in transformer block T_i" (002 App. B): the norms too
+    norms = [key for key in dense_state if key.startswith("model.layers.") and "norm" in key]
+    assert norms and all(not torch.equal(matched.state_dict()[key], dense_state[key]) for key in norms)
+
+
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_matching_precision_trains_float32_parameters(precision, tokenizer):
+    from hf_slr.compression.matching import autocast_dtype
+
+    model = tiny_model("llama")
+    tm = dict(transformer_matching=True, tm_kwargs={"epochs": 4, "batch_size": 2, "lr": 1e-3, "precision": precision})
+    hf_slr.compress(model, _config("wanda", **tm), tokenizer)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert all(block["tm_loss_after"] < block["tm_loss_before"] for block in model.slr_report["blocks"])
+    assert autocast_dtype(precision, torch.device("cpu")) == (None if precision == "float32" else torch.bfloat16)
 
 
 @pytest.mark.filterwarnings("ignore:Attempting to save a model with offloaded modules")

@@ -40,7 +40,6 @@ BAD_CONFIGS = [
     (dict(compression_ratio=float("nan"), rank_ratio=0.3), "`compression_ratio` must be a float in \\(0, 1\\)"),
     (dict(compression_ratio=True, rank_ratio=0.3), "`compression_ratio` must be a float in \\(0, 1\\)"),
     (dict(compression_ratio=0.5, rank=8, sparsity="2:8"), "exclusive"),
-    (dict(compression_ratio=0.5), "`rank_ratio` \\(kappa in \\[0, 1\\]\\) is required"),
     (dict(compression_ratio=0.5, sparsity=0.5, rank_ratio=0.3), "exclusive for unstructured"),
     (dict(compression_ratio=0.6, sparsity="2:4"), "keeps fewer parameters than the 2:4 pattern"),
     (dict(compression_ratio=0.4, sparsity="2:4", rank_ratio=0.1), "`rank_ratio` applies to unstructured sparsity only"),

@@ -16,7 +16,7 @@ import torch
 
 from .base import Decomposition, Target, relative_objective
 from .lowrank import input_norms
-from .projections import sparsity_mask
+from .projections import SupportProjector
 
 # low_rank_step(matrix, previous_v) -> (U, V): previous_v is None at the first iteration.
 LowRankStep = Callable[[torch.Tensor, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor]]
@@ -46,12 +46,13 @@ def scaled_alternating_minimization(
     kept_as_is = torch.zeros_like(weight) if preserved is None else weight * preserved
     scaled = (weight - kept_as_is) * scale
     sparse = torch.zeros_like(scaled)
+    project = SupportProjector(target, scope)  # the sparsity_mask sets, without a sort per iteration
     v, history = None, []
     for _ in range(iterations if target.rank > 0 else 1):
         u, v = low_rank_step(scaled - sparse, v)
         residual = scaled - u @ v
         scores = residual.abs()
-        keep = sparsity_mask(scores if preserved is None else scores.masked_fill(preserved, torch.inf), target, scope)
+        keep = project(scores if preserved is None else scores.masked_fill(preserved, torch.inf))
         sparse = residual * (keep if preserved is None else keep & ~preserved)
         if record_history:
             history.append(relative_objective(weight, kept_as_is + sparse / scale, u, v / scale, hessian))

@@ -32,6 +32,7 @@ import torch
 
 from .hyperparameters import check_hyperparameters, hyperparameter_values
 from .lowrank import balance_factors
+from .splits import LOW_RANK_ONLY, PRUNING, RankRatio, ScaledRank
 
 
 @dataclass(frozen=True)
@@ -107,7 +108,9 @@ class Algorithm:
     record type (a frozen dataclass of ``hyperparameters.hyperparameter`` fields), its
     ``decompose`` function, the paper it implements (title, authors, year), and which parts of
     S + U V it computes (``sparse``: S, ``low_rank``: U V; pruning methods compute no U V, pure
-    low-rank methods no S)."""
+    low-rank methods no S), and ``split``: how its paper shares a matrix's kept parameters between
+    S and U V when only a compression ratio is given (:mod:`.splits`; default: all to S for a
+    pruning method, all to U V for a pure low-rank one)."""
 
     name: str
     needs_hessian: bool
@@ -116,10 +119,15 @@ class Algorithm:
     paper: str
     sparse: bool = True
     low_rank: bool = True
+    split: RankRatio | ScaledRank | None = None
 
     def __post_init__(self):
         if not (isinstance(self.hyperparameters, type) and is_dataclass(self.hyperparameters)):
             raise TypeError(f"Algorithm {self.name!r}: hyperparameters must be a dataclass type")
+        if self.split is None:
+            if self.sparse and self.low_rank:
+                raise TypeError(f"Algorithm {self.name!r}: an S + LR method must declare its paper's `split`")
+            object.__setattr__(self, "split", LOW_RANK_ONLY if self.low_rank else PRUNING)
 
     def defaults(self):
         """The record of paper defaults."""

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from .base import Algorithm, Decomposition, Target, relative_objective
+from .splits import RankRatio
 from .hyperparameters import SEED_RANGE, hyperparameter
 from .lowrank import WhitenedLowRank, damp_hessian, pad_factors
 from .projections import SCOPES
@@ -160,6 +161,7 @@ ALGORITHM = Algorithm(
     needs_hessian=True,
     hyperparameters=HassleFreeHyperparameters,
     decompose=decompose,
+    split=RankRatio(0.3),  # 004 App. A.3, Table 4: kappa = 0.3
     paper="HASSLE-free: A unified Framework for Sparse plus Low-Rank Matrix Decomposition for LLMs "
     "(Makni, Behdin, Xu, Ponomareva & Mazumder, 2025)",
 )

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from .base import Algorithm, Decomposition, Target
+from .splits import RankRatio
 from .hyperparameters import hyperparameter
 from .lowrank import truncated_svd
 from .magnitude import magnitude_prune
@@ -45,6 +46,7 @@ ALGORITHM = Algorithm(
     needs_hessian=False,
     hyperparameters=MagnitudeSvdHyperparameters,
     decompose=decompose,
+    split=RankRatio(0.3),  # the OATS rule HASSLE-free 004 App. A.3 applies to every baseline
     paper="Magnitude pruning (Han, Pool, Tran & Dally, 2015) followed by the Eckart-Young truncated SVD "
     "(Eckart & Young, 1936); the H = I case of HASSLE-free (Makni et al., 2025)",
 )

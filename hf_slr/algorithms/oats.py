@@ -16,6 +16,7 @@ import torch
 
 from .alternating import scaled_alternating_minimization
 from .base import Algorithm, Decomposition, Target
+from .splits import RankRatio
 from .hyperparameters import hyperparameter
 from .lowrank import truncated_svd
 from .projections import SCOPES
@@ -53,5 +54,6 @@ ALGORITHM = Algorithm(
     needs_hessian=True,
     hyperparameters=OatsHyperparameters,
     decompose=decompose,
+    split=RankRatio(0.3),  # "default value in OATS for the Llama3-8B model" (004 App. A.3)
     paper="OATS: Outlier-Aware Pruning Through Sparse and Low Rank Decomposition (Zhang & Papyan, 2025)",
 )

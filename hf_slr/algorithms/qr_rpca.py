@@ -30,11 +30,12 @@ from dataclasses import dataclass
 import torch
 
 from .base import Algorithm, Decomposition, Target, relative_objective
+from .splits import RankRatio
 from .hyperparameters import SEED_RANGE, hyperparameter
-from .lowrank import pad_factors, bilateral_random_projection, input_norms
+from .lowrank import input_norms, pad_factors
 from .projections import SCOPES, SupportProjector
 
-__all__ = ["ALGORITHM", "QRRPCAHyperparameters", "decompose"]
+__all__ = ["ALGORITHM", "QRRPCAHyperparameters", "decompose", "solve"]
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,54 @@ def _initial_row_space(
     return torch.cat([rows, gaussian])
 
 
+def solve(
+    weights: torch.Tensor,
+    ranks: list[int],
+    projectors: list,
+    iterations: int,
+    *,
+    sparse: torch.Tensor | None = None,
+    init_v: list[torch.Tensor | None] | None = None,
+    seed: int = 0,
+    callback=None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """000 Algorithm 2 on a stack of B matrices of one shape at once: (S, U, V) of ``weights``
+    [B, m, n] (float32, already scaled) after ``iterations`` steps; the one implementation
+    (:func:`decompose` is this with B = 1).
+
+    ``ranks[b]``: the rank of matrix b; the stack runs at R = max(ranks) with the columns of Q
+    beyond ranks[b] zeroed after each (batched) QR, so U [B, m, R] and V [B, R, n] have zero
+    columns / rows there (Householder QR is column-sequential: Q's first r columns do not depend on
+    the later ones). ``projectors[b](scores [m, n]) -> keep-mask``: the sparse projection of matrix
+    b (a :class:`SupportProjector`). ``sparse`` [B, m, n] and ``init_v[b]`` [r_b, n] warm-start
+    (V_0 truncated to ranks[b], or extended by Gaussian rows of a generator seeded with ``seed``,
+    one per matrix as in a per-matrix call). ``callback(S, U, V)`` runs after every iteration.
+    """
+    batch, out_features, in_features = weights.shape
+    width = max(ranks, default=0)
+    init_v = [None] * batch if init_v is None else init_v
+    sparse = weights.new_zeros(weights.shape) if sparse is None else sparse.to(weights).clone()
+    v = weights.new_zeros(batch, width, in_features)
+    for b, rank in enumerate(ranks):
+        v[b, :rank] = _initial_row_space(init_v[b], rank, in_features, weights, torch.Generator().manual_seed(seed))
+    columns = (torch.arange(width, device=weights.device) < torch.tensor(ranks, device=weights.device)[:, None])[:, None]
+    u = weights.new_zeros(batch, out_features, width)
+    buffer = torch.empty_like(weights)  # W - S, then W - U V: one allocation for all iterations
+    for _ in range(iterations):
+        if width > 0:
+            difference = torch.sub(weights, sparse, out=buffer)
+            u = torch.linalg.qr(difference @ v.mT).Q * columns
+            v = u.mT @ difference
+            residual = torch.baddbmm(weights, u, v, alpha=-1.0, out=buffer)
+        else:
+            residual = buffer.copy_(weights)
+        for b, project in enumerate(projectors):
+            torch.mul(residual[b], project(residual[b].abs()), out=sparse[b])
+        if callback is not None:
+            callback(sparse, u, v)
+    return sparse, u, v
+
+
 def decompose(
     weight: torch.Tensor,
     hessian: torch.Tensor | None,
@@ -68,7 +117,8 @@ def decompose(
     *,
     init: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> Decomposition:
-    """000 Algorithm 2 for ``iterations`` steps on W D (``scaling="activation"``) or W ("none").
+    """000 Algorithm 2 for ``iterations`` steps on W D (``scaling="activation"``) or W ("none"):
+    :func:`solve` with a batch of one.
 
     P_Omega keeps the K largest |W D - U V| of the matrix (``scope="matrix"``: 000's budget K is
     per matrix, and it reaches lower objectives than OATS' per-row choice ``"row"`` on SmolLM2);
@@ -83,24 +133,25 @@ def decompose(
     w = weight.float()
     out_features, in_features = w.shape
     scale = input_norms(hessian).to(w) if hp.scaling == "activation" else torch.ones(in_features).to(w)
-    w_scaled = w * scale
     rank = min(target.rank, out_features, in_features)
-    generator = torch.Generator().manual_seed(hp.seed)
     init_sparse, _, init_v = (None, None, None) if init is None else init  # a tuple or a Decomposition
-    sparse = w.new_zeros(w.shape) if init is None else init_sparse.to(w) * scale
-    v = _initial_row_space(None if init is None else init_v.to(w) * scale, rank, in_features, w, generator)
-    u = w.new_zeros(out_features, rank)
-    project = SupportProjector(target, hp.scope)
     history = []
-    for _ in range(hp.iterations):
-        if rank > 0:
-            u, v = bilateral_random_projection(w_scaled - sparse, rank, test_matrix=v.T)
-        residual = w_scaled - u @ v
-        sparse = residual * project(residual.abs())
-        if record_history:
-            history.append(relative_objective(w, sparse / scale, u, v / scale, hessian))
-    u, v = pad_factors(u, v / scale, target.rank)
-    return Decomposition((sparse / scale).to(weight.dtype), u.to(weight.dtype), v.to(weight.dtype), tuple(history))
+
+    def record(sparse, u, v):
+        history.append(relative_objective(w, sparse[0] / scale, u[0], v[0] / scale, hessian))
+
+    sparse, u, v = solve(
+        (w * scale)[None],
+        [rank],
+        [SupportProjector(target, hp.scope)],
+        hp.iterations,
+        sparse=None if init is None else (init_sparse.to(w) * scale)[None],
+        init_v=None if init is None else [init_v.to(w) * scale],
+        seed=hp.seed,
+        callback=record if record_history else None,
+    )
+    u, v = pad_factors(u[0], v[0] / scale, target.rank)
+    return Decomposition((sparse[0] / scale).to(weight.dtype), u.to(weight.dtype), v.to(weight.dtype), tuple(history))
 
 
 ALGORITHM = Algorithm(
@@ -108,6 +159,7 @@ ALGORITHM = Algorithm(
     needs_hessian=True,
     hyperparameters=QRRPCAHyperparameters,
     decompose=decompose,
+    split=RankRatio(0.25),  # 000: mu_kappa initialised uniformly at 0.25
     paper="Compress Large Language Models via Collaboration Between Learning and Matrix Approximation "
     "(NeurIPS 2025), App. C.3, Algorithm 2",
 )

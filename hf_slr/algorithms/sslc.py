@@ -14,9 +14,9 @@ BRP test matrix: A1 is Gaussian at the first iteration and the previous right fa
 which is at least as close to L~ as L_{t-1}, so every L step is no worse than keeping L_{t-1}: the
 property App. A (eq. 12-14) needs for the objective never to increase.
 
-Rank: the paper uses r = 128 for 4096-wide LLaMA layers (App. E.1, 50% compression); for other
-widths ``paper_rank`` keeps the same fraction of the smaller dimension (r = 128 * min(out, in) / 4096,
-e.g. 18 for SmolLM2-135M's 576-wide layers). The budget split itself is the caller's ``target``.
+Rank: the paper uses r = 128 for 4096-wide LLaMA layers (App. E.1, 50% compression); ``split``
+keeps the same fraction of the smaller dimension at other widths (r = 128 min(out, in) / 4096, e.g.
+18 for SmolLM2-135M's 576-wide layers), the default when only a compression ratio is given.
 """
 
 from __future__ import annotations
@@ -27,13 +27,10 @@ import torch
 
 from .alternating import scaled_alternating_minimization
 from .base import Algorithm, Decomposition, Target
+from .splits import ScaledRank
 from .hyperparameters import SEED_RANGE, hyperparameter
 from .lowrank import bilateral_random_projection, input_norms
 from .projections import SCOPES, sparsity_mask
-
-PAPER_RANK = 128
-PAPER_WIDTH = 4096
-
 
 @dataclass(frozen=True)
 class SSLCHyperparameters:
@@ -46,11 +43,6 @@ class SSLCHyperparameters:
     scope: str = hyperparameter("matrix", choices=SCOPES, doc="eq. 5 thresholds the whole matrix; 'row' per output row")
     power_iterations: int = hyperparameter(0, low=0, doc="GoDec power steps inside each bilateral random projection")
     seed: int = hyperparameter(0, **SEED_RANGE, doc="seed of the first Gaussian test matrix")
-
-
-def paper_rank(out_features: int, in_features: int) -> int:
-    """r = 128 at width 4096 (001 App. E.1), scaled with the smaller dimension: 128 min(out, in) / 4096."""
-    return max(1, round(PAPER_RANK * min(out_features, in_features) / PAPER_WIDTH))
 
 
 def preserved_mask(salience: torch.Tensor, target: Target, fraction: float, scope: str) -> torch.Tensor:
@@ -100,6 +92,7 @@ ALGORITHM = Algorithm(
     needs_hessian=True,
     hyperparameters=SSLCHyperparameters,
     decompose=decompose,
+    split=ScaledRank(rank=128, width=4096),  # 001 App. E.1, Table 6: r = 128 at 50% on LLaMA-2-7B
     paper="1+1>2: A Synergistic Sparse and Low-Rank Compression Method for Large Language Models "
     "(Zong, Zhang, Li, Tan, Ren, Zhai & Hu, 2025)",
 )

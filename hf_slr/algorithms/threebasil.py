@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from .base import Algorithm, Decomposition, Target, relative_objective
+from .splits import ScaledRank
 from .hyperparameters import SEED_RANGE, ConstraintError, hyperparameter
 from .lowrank import WhitenedLowRank, pad_factors
 from .projections import SCOPES, SupportProjector
@@ -204,6 +205,7 @@ ALGORITHM = Algorithm(
     needs_hessian=True,
     hyperparameters=ThreeBASiLHyperparameters,
     decompose=decompose,
+    split=ScaledRank(rank=64, width=4096),  # 002's "+64LR" configurations on 4096-wide Llama-3
     paper="3BASiL: An Algorithmic Framework for Sparse plus Low-Rank Compression of LLMs "
     "(Makni, Meng & Mazumder, NeurIPS 2025)",
 )

@@ -3,7 +3,8 @@ compressed module. The one home of the budget rules:
 
 - ``"uniform"``: the same rule for every matrix (:func:`.budget.uniform_target`);
 - ``"owl"``: per-layer sparsity from the layers' outlier ratios (:mod:`.owl`, "Outlier Weighed
-  Layerwise Sparsity (OWL)", Yin et al. 2024), rank ratio kappa = ``rank_ratio`` everywhere;
+  Layerwise Sparsity (OWL)", Yin et al. 2024), rank ratio kappa = ``rank_ratio``
+  everywhere (unset: each matrix's paper split, ``Algorithm.split``);
 - ``"learned"``: per-layer sparsity and per-matrix rank ratio learned by the bilevel outer loop of
   "Compress Large Language Models via Collaboration Between Learning and Matrix Approximation"
   (:mod:`.bilevel`).
@@ -22,7 +23,7 @@ import torch
 from ..algorithms import Target
 from ..algorithms.hyperparameters import check_hyperparameters, hyperparameter_values
 from .bilevel import LearnedHyperparameters, learn_allocation
-from .budget import allocate, kept_total, uniform_target
+from .budget import allocate, default_rank_ratio, kept_total, uniform_target
 from .owl import OwlHyperparameters, owl_sparsity
 
 __all__ = ["ALLOCATIONS", "check_kwargs", "module_targets", "uniform_target"]
@@ -68,19 +69,24 @@ def module_targets(
         raise ValueError(f"allocation {request.allocation!r} needs the weights, the input norms (and, learned, the loss)")
     start = time.perf_counter()
     groups = [group for group in groups if group]
-    rho = request.compression_ratio
+    rho = request.effective_compression_ratio
     hyperparameters = hyperparameter_values(check_kwargs(request.allocation, request.allocation_kwargs))
     loss_curve = []
+    names = [name for group in groups for name in group]
+    if request.rank_ratio is not None:
+        kappas = [float(request.rank_ratio)] * len(names)
+    else:  # the method's paper split, per matrix, at the mean kept fraction
+        kappas = [default_rank_ratio(*shapes[name], request) for name in names]
     if request.allocation == "owl":
         sparsity = owl_sparsity(weights, norms, groups, rho, **hyperparameters)
-        rank_ratio = torch.full((len(shapes),), float(request.rank_ratio or 0.0), dtype=torch.float64)
+        rank_ratio = torch.tensor(kappas, dtype=torch.float64)
     else:
         if hyperparameters["seed"] is None:
             hyperparameters["seed"] = request.seed
-        learned = learn_allocation(weights, norms, groups, rho, request.rank_ratio or 0.0, loss, n_rows, **hyperparameters)
+        initial_kappa = sum(kappas) / len(kappas)
+        learned = learn_allocation(weights, norms, groups, rho, initial_kappa, loss, n_rows, **hyperparameters)
         sparsity, rank_ratio, loss_curve = learned.layer_sparsity, learned.rank_ratio, learned.loss_curve
     targets = allocate(shapes, groups, sparsity, rank_ratio, total=kept_total(shapes, rho))
-    names = [name for group in groups for name in group]
     layer_of = {name: index for index, group in enumerate(groups) for name in group}
     report = {
         "allocation": request.allocation,

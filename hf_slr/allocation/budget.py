@@ -34,7 +34,9 @@ def uniform_target(out_features: int, in_features: int, request) -> Target:
     (default 0.5, or N:M). A pruning method's ``rank_ratio`` is 0.
     With it, the papers' formulas: for N:M, r = floor((1 - rho - N/M) m n / (m + n)) (HASSLE-free
     §5); for unstructured S, with ``rank_ratio`` kappa, r = floor(kappa (1 - rho) m n / (m + n)) and
-    nnz(S) = floor((1 - kappa)(1 - rho) m n) (HASSLE-free App. A.3, the OATS rule).
+    nnz(S) = floor((1 - kappa)(1 - rho) m n) (HASSLE-free App. A.3, the OATS rule). Without
+    ``rank_ratio`` the method's own paper split decides r (:func:`default_rank_ratio`) and S holds
+    the rest, nnz(S) = floor((1 - rho) m n) - r (m + n).
     """
     nm_pattern, sparsity = request.nm_pattern, request.sparsity_fraction
     low_rank = get_algorithm(request.method).low_rank
@@ -46,10 +48,21 @@ def uniform_target(out_features: int, in_features: int, request) -> Target:
     if nm_pattern is not None:
         n, m = nm_pattern
         return Target(rank=int(math.floor((kept - n / m) * numel / fan)), sparsity=sparsity, nm_pattern=nm_pattern)
-    kappa = request.rank_ratio or 0.0
-    nnz = int(math.floor((1.0 - kappa) * kept * numel))
-    rank = int(math.floor(kappa * kept * numel / fan))
+    if request.rank_ratio is not None:
+        kappa = request.rank_ratio
+        nnz = int(math.floor((1.0 - kappa) * kept * numel))
+        rank = int(math.floor(kappa * kept * numel / fan))
+    else:
+        kappa = default_rank_ratio(out_features, in_features, request)
+        rank = min(int(math.floor(kappa * kept * numel / fan + 1e-9)), out_features, in_features)
+        nnz = max(0, int(math.floor(kept * numel)) - rank * fan) if get_algorithm(request.method).sparse else 0
     return Target(rank=rank, sparsity=(numel - nnz) / numel)
+
+
+def default_rank_ratio(out_features: int, in_features: int, request) -> float:
+    """kappa of an [out, in] matrix under the method's own paper split (``Algorithm.split``) at the
+    request's ``compression_ratio``: the share of the kept parameters its U V take."""
+    return get_algorithm(request.method).split.rank_ratio(out_features, in_features, 1.0 - request.effective_compression_ratio)
 
 
 def kept_total(shapes: Shapes, compression_ratio: float) -> int:

@@ -263,10 +263,8 @@ def _real_layer_hessians(layer_index=3, sequences=4, tokens=64):
 
 @pytest.mark.slow
 def test_real_smollm2_alternations_are_monotone(check_target):
-    from hf_slr.algorithms.sslc import paper_rank
-
     for name, (weight, hessian) in _real_layer_hessians().items():
-        for target in (Target(rank=paper_rank(*weight.shape), sparsity=0.5), Target(rank=16, nm_pattern=(2, 4))):
+        for target in (Target(rank=get("sslc").split.rank_for(*weight.shape), sparsity=0.5), Target(rank=16, nm_pattern=(2, 4))):
             for method in ("oats", "sslc"):
                 objectives = []
                 for t in range(1, 6):
