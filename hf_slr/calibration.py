@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .integration import projection_shape
-from .texts import load_documents
+from .texts import bos_prefix, load_documents
 
 __all__ = ["HessianAccumulator", "InputNorms", "calibration_ids"]
 
@@ -31,14 +31,24 @@ def calibration_ids(
     has ``seq_len`` tokens or fewer, the following documents (in order, wrapping around) are
     appended to it, each after the tokenizer's EOS token when it has one, until the stream is
     longer than ``seq_len``; with long enough documents both draw the same segments.
+
+    For a tokenizer that adds a BOS token (:func:`hf_slr.texts.bos_prefix`; the Gemma family) the
+    documents are encoded without special tokens and every segment is BOS followed by
+    ``seq_len - 1`` drawn tokens (the same draws with ``seq_len - 1`` in place of ``seq_len``), the
+    input such models see at the start of every document; other tokenizers are unaffected.
     """
     documents = load_documents(dataset)
     separator = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+    prefix = bos_prefix(tokenizer)
+    drawn = seq_len - len(prefix)
     encoded: dict[int, list[int]] = {}
 
     def encode(index: int) -> list[int]:
         if index not in encoded:
-            encoded[index] = tokenizer(documents[index], verbose=False).input_ids
+            if prefix:
+                encoded[index] = tokenizer(documents[index], add_special_tokens=False, verbose=False).input_ids
+            else:
+                encoded[index] = tokenizer(documents[index], verbose=False).input_ids
         return encoded[index]
 
     rng = random.Random(seed)
@@ -46,15 +56,16 @@ def calibration_ids(
     for _ in range(n_samples):
         first = rng.randint(0, len(documents) - 1)
         stream, following = list(encode(first)), first
-        while len(stream) <= seq_len:
+        while len(stream) <= drawn:
             following = (following + 1) % len(documents)
             if following == first:
                 raise ValueError(
                     f"`dataset` holds {len(stream)} tokens in all, fewer than `seq_len`={seq_len} + 1"
+                    + (" - 1 (the BOS token each segment starts with)" if prefix else "")
                 )
             stream += separator + encode(following)
-        start = rng.randint(0, len(stream) - seq_len - 1)
-        rows.append(stream[start : start + seq_len])
+        start = rng.randint(0, len(stream) - drawn - 1)
+        rows.append(prefix + stream[start : start + drawn])
     return torch.tensor(rows, dtype=torch.long)
 
 

@@ -3,7 +3,9 @@
     hf-slr compress MODEL_OR_DIR --method oats --sparsity 0.5 --rank 16 --out DIR    # streamed, resumable
     hf-slr compress MODEL_OR_DIR --method qr_rpca --compression-ratio 0.5 --rank-ratio 0.25 \
         --allocation learned --allocation-kwargs '{"steps": 20}' --out DIR
+    hf-slr compress MODEL_OR_DIR --method wanda --sparsity 0.6 --allocation owl --out DIR
     hf-slr eval DIR --ppl wikitext2,c4 --tasks piqa,arc_easy --limit 100 --json FILE
+    hf-slr eval DIR    # a quick check: WikiText-2 perplexity on the first 20 windows
     hf-slr info DIR
 """
 
@@ -71,18 +73,28 @@ def compress(args) -> dict:
     return {"checkpoint": str(folder), "method": args.method, "compression_seconds": round(seconds, 1)}
 
 
+QUICK_PPL_WINDOWS = 20
+"""Windows of the perplexity ``hf-slr eval`` runs when asked for neither ``--ppl`` nor ``--tasks``."""
+
+
 def evaluate(args) -> dict:
     from transformers import AutoTokenizer
 
     from .eval import evaluate_zeroshot, perplexity
 
+    ppl, max_windows = args.ppl, args.max_windows
+    if ppl is None and not args.tasks:  # nothing asked: a short check, said so
+        ppl, max_windows = "wikitext2", QUICK_PPL_WINDOWS if max_windows is None else max_windows
+        print(
+            f"hf-slr eval: neither --ppl nor --tasks given: WikiText-2 perplexity on the first {max_windows} windows "
+            f"of {args.seq_len} tokens (--ppl wikitext2 scores all of them)",
+            file=sys.stderr,
+        )
     model = _load(args.model, args.dtype)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     result = {"model": args.model}
-    for dataset in filter(None, args.ppl.split(",")):
-        result[f"ppl_{dataset}"] = perplexity(
-            model, tokenizer, dataset, seq_len=args.seq_len, max_windows=args.max_windows
-        )
+    for dataset in filter(None, (ppl or "").split(",")):
+        result[f"ppl_{dataset}"] = perplexity(model, tokenizer, dataset, seq_len=args.seq_len, max_windows=max_windows)
     if args.tasks:
         result["zeroshot"] = evaluate_zeroshot(
             model, tokenizer, tasks=tuple(args.tasks.split(",")), limit=args.limit, batch_size=args.batch_size
@@ -144,7 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
         default="uniform",
         choices=list(ALLOCATIONS),
         help="budget per layer / matrix: uniform, owl (outlier-weighted) or learned (bilevel, 000); "
-        "owl and learned need --compression-ratio and --rank-ratio",
+        "owl and learned need --compression-ratio (and --rank-ratio, or the method's own split); a pruning method "
+        "(wanda, sparsegpt, magnitude) also takes --sparsity, e.g. --sparsity 0.6 --allocation owl",
     )
     p.add_argument("--allocation-kwargs", default=None, help='JSON, e.g. \'{"steps": 20, "init": "owl"}\'')
     p.add_argument("--dtype", default="float32", choices=list(DTYPES))
@@ -155,11 +168,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(run=compress)
 
-    p = commands.add_parser("eval", help="perplexity and zero-shot accuracy of a (compressed) model")
+    p = commands.add_parser(
+        "eval",
+        help="perplexity and zero-shot accuracy of a (compressed) model",
+        description="Perplexity (--ppl) and zero-shot accuracy (--tasks) of a model; each runs only when asked. "
+        f"Without either: WikiText-2 perplexity on the first {QUICK_PPL_WINDOWS} windows of --seq-len tokens "
+        "(a quick check; --ppl wikitext2 scores the whole text: 148 windows of 2048 tokens for SmolLM2).",
+    )
     p.add_argument("model", help="HF folder or Hub id")
-    p.add_argument("--ppl", default="wikitext2", help="comma-separated: wikitext2, c4, or paths ('' for none)")
-    p.add_argument("--seq-len", type=int, default=2048)
-    p.add_argument("--max-windows", type=int, default=None, help="score only the first windows")
+    p.add_argument(
+        "--ppl",
+        default=None,
+        help="comma-separated perplexity datasets: wikitext2, c4, or paths; computed only when given, except "
+        f"that with neither --ppl nor --tasks eval runs WikiText-2 on the first {QUICK_PPL_WINDOWS} windows",
+    )
+    p.add_argument("--seq-len", type=int, default=2048, help="perplexity window length in tokens")
+    p.add_argument("--max-windows", type=int, default=None, help="score only the first windows (default: all)")
     p.add_argument("--tasks", default="", help="comma-separated: piqa,arc_easy,arc_challenge,hellaswag,boolq,rte")
     p.add_argument("--limit", type=int, default=None, help="items per task (default: all)")
     p.add_argument("--batch-size", type=int, default=8)

@@ -7,6 +7,7 @@ import json
 import os
 import tempfile
 from collections import Counter
+from collections.abc import Mapping
 from pathlib import Path
 
 from . import atomic
@@ -32,37 +33,85 @@ def _cell(text: str) -> str:
     return html.escape(" ".join(str(text).split())).replace("|", "&#124;").replace("`", "&#96;")
 
 
-def model_card(model) -> str:
+def _structure(layers, pattern: str) -> tuple[str, str]:
+    """(kind, sentence) of what every compressed layer stores: S + U V, S alone (rank 0 everywhere:
+    pure pruning) or U V alone (no nonzero in S: pure low rank)."""
+    if all(layer.rank == 0 for layer in layers):
+        return "sparse (pruned)", f"is stored as W = S, a sparse matrix ({pattern}; pure pruning,\nno low-rank factors)"
+    if all(layer.nnz == 0 for layer in layers):
+        return "low-rank", "is stored as W = U V, low-rank factors (no sparse part)"
+    return "sparse plus low-rank", f"is stored as W = S + U V: a sparse matrix S ({pattern})\nplus low-rank factors U, V"
+
+
+def _metric_text(value) -> str:
+    """A measured quality for the card: a number, a :func:`hf_slr.eval.perplexity` result (its
+    perplexity and protocol), or anything else as JSON."""
+    if isinstance(value, bool) or value is None:
+        return _cell(json.dumps(value))
+    if isinstance(value, (int, float)):
+        return f"{value:.4g}"
+    if isinstance(value, Mapping) and isinstance(value.get("ppl"), (int, float)):
+        protocol = [str(value["dataset"])] if value.get("dataset") else []
+        if value.get("n_windows") and value.get("seq_len"):
+            protocol.append(f"{value['n_windows']} x {value['seq_len']} tokens")
+        return f"{value['ppl']:.4g} perplexity" + (f" ({_cell(', '.join(protocol))})" if protocol else "")
+    if isinstance(value, str):
+        return _cell(value)
+    return _cell(json.dumps(value, default=str))
+
+
+def _quality_section(metrics) -> str:
+    if not metrics:
+        return ""
+    rows = "\n".join(f"| {_cell(label)} | {_metric_text(value)} |" for label, value in metrics.items())
+    return f"""
+## Measured quality
+
+| | |
+|---|---|
+{rows}
+"""
+
+
+def model_card(model, metrics: Mapping | None = None) -> str:
     """README.md for a compressed model: method, sparsity, ranks, base model, how to load it (the
-    layer facts are read from the layers themselves)."""
+    layer facts are read from the layers themselves), and the measured quality when given.
+
+    ``metrics``: label -> value (a number, text, or a :func:`hf_slr.eval.perplexity` result),
+    e.g. ``{"WikiText-2 perplexity": perplexity(model, tokenizer), "dense": 23.48}``; labels and
+    texts are escaped.
+    """
     config = _slr_config(model)
-    layers = compressed_layers(model).values()
+    if metrics is not None and not isinstance(metrics, Mapping):
+        raise ValueError(f"`metrics` must be a mapping of label -> value, got {type(metrics).__name__}")
+    layers = list(compressed_layers(model).values())
     ranks = Counter(layer.rank for layer in layers)
     sparsities = [1.0 - layer.nnz / (layer.out_features * layer.in_features) for layer in layers]
     patterns = {layer.nm_pattern for layer in layers}
-    base = provenance_name(config.base_model) or "unknown"
+    base = provenance_name(config.base_model)
     rank_text = ", ".join(f"{rank} ({count} matrices)" for rank, count in sorted(ranks.items()))
     pattern = " and ".join(sorted(f"{p[0]}:{p[1]} semi-structured" if p else "unstructured" for p in patterns))
+    kind, structure = _structure(layers, pattern)
     calibration = "none (data-free)"
     if uses_data(config):
         calibration = f"{config.dataset}, {config.n_samples} x {config.seq_len} tokens, seed {config.seed}"
+    # base_model_relation: the Hub's word for a checkpoint derived by compressing its base model
+    base_metadata = f"base_model: {json.dumps(base)}\nbase_model_relation: quantized\n" if base else ""
     return f"""---
 library_name: transformers
 tags:
 - hf_slr
 - sparse-plus-low-rank
 - compressed
-base_model: {json.dumps(base)}
----
+{base_metadata}---
 
-# {_cell(Path(base).name)} compressed to sparse plus low-rank (hf_slr)
+# {_cell(Path(base or "unknown").name)} compressed to {kind} (hf_slr)
 
-Every linear layer of the decoder blocks is stored as W = S + U V: a {pattern} sparse matrix S
-plus rank-r factors U, V, computed by **{config.method}**.
+Every linear layer of the decoder blocks {structure}, computed by **{config.method}**.
 
 | | |
 |---|---|
-| base model | {_cell(base)} |
+| base model | {_cell(base or "unknown")} |
 | method | {config.method} {_cell(json.dumps(config.method_kwargs)) if config.method_kwargs else ''} |
 | sparsity of S | {min(sparsities):.4f} to {max(sparsities):.4f} (mean {sum(sparsities) / len(sparsities):.4f}) |
 | ranks | {rank_text} |
@@ -70,7 +119,7 @@ plus rank-r factors U, V, computed by **{config.method}**.
 | allocation | {config.allocation} |
 | transformer matching | {_matching_text(config)} |
 | calibration | {_cell(calibration)} |
-
+{_quality_section(metrics)}
 ## Loading
 
 `import hf_slr` is **required** before loading: it registers the `slr` quantization method with
@@ -123,9 +172,10 @@ def check_save_target(target: Path, as_given) -> None:
         )
 
 
-def save_pretrained(model, save_directory: str | os.PathLike, tokenizer=None, **kwargs) -> Path:
+def save_pretrained(model, save_directory: str | os.PathLike, tokenizer=None, metrics: Mapping | None = None, **kwargs) -> Path:
     """Write a compressed model: config, safetensors, tokenizer, README.md, report, and
-    ``allocation.png`` when the report has an allocation (owl / learned). ``kwargs`` go to
+    ``allocation.png`` when the report has an allocation (owl / learned). ``metrics``: the
+    measured quality the model card states (see :func:`model_card`). ``kwargs`` go to
     ``model.save_pretrained``.
 
     ``save_directory`` must be new, empty, or an earlier hf_slr checkpoint; any other non-empty
@@ -134,7 +184,7 @@ def save_pretrained(model, save_directory: str | os.PathLike, tokenizer=None, **
     checkpoint or the new one, complete. Files of the old folder that the save does not write are
     kept, except superseded weights, report and plot.
     """
-    card = model_card(model)
+    card = model_card(model, metrics)
     target = Path(save_directory).absolute()
     check_save_target(target, save_directory)
     with atomic.replace_folder(target, replaced=_replaced_by_a_new_save) as tmp:
@@ -159,8 +209,10 @@ def push_to_hub(
     commit_message: str = "Upload SLR-compressed model",
     revision: str | None = None,
     create_pr: bool = False,
+    metrics: Mapping | None = None,
 ):
-    """Upload exactly what :func:`save_pretrained` writes (with the SLR model card) to ``repo_id``.
+    """Upload exactly what :func:`save_pretrained` writes (with the SLR model card, stating
+    ``metrics`` when given) to ``repo_id``.
 
     ``model.push_to_hub`` also works, but replaces README.md with the Hub's generic card.
     """
@@ -169,7 +221,7 @@ def push_to_hub(
     api = HfApi(token=token)
     repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
     with tempfile.TemporaryDirectory() as work_dir:
-        folder = save_pretrained(model, Path(work_dir) / "checkpoint", tokenizer=tokenizer)
+        folder = save_pretrained(model, Path(work_dir) / "checkpoint", tokenizer=tokenizer, metrics=metrics)
         operations = [
             CommitOperationAdd(path_in_repo=path.relative_to(folder).as_posix(), path_or_fileobj=str(path))
             for path in sorted(folder.rglob("*"))

@@ -6,6 +6,9 @@ test text, one document); a local ``.jsonl`` / ``.json`` file (rows with a ``tex
 ``.txt`` file (one document); a list of strings; a :class:`datasets.Dataset` (its ``text``
 column); a Hub dataset id ``"owner/name"`` or ``"owner/name:config"`` (``text`` column of
 ``split``, loaded with :func:`datasets.load_dataset`).
+
+:func:`bos_prefix` is the one rule for models that expect a BOS token (the Gemma family): the
+calibration segments and the perplexity windows each start with it (see their modules).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from typing import Any
 
 import datasets
 
-__all__ = ["C4_TRAIN_FILE", "C4_VALIDATION_FILE", "WIKITEXT2_FILE", "check_source", "data_dir", "data_file", "load_documents"]
+__all__ = ["C4_TRAIN_FILE", "C4_VALIDATION_FILE", "WIKITEXT2_FILE", "bos_prefix", "check_source", "data_dir", "data_file", "load_documents"]
 
 DATA_ENV = "HF_SLR_DATA"
 
@@ -128,3 +131,19 @@ def check_source(dataset: Any, split: str = "train") -> None:
             load_documents(name, split)  # raises: an unknown name
     elif not isinstance(dataset, (list, tuple)):
         load_documents(dataset, split)  # a datasets.Dataset (cheap to read) or a type error
+
+
+def bos_prefix(tokenizer) -> list[int]:
+    """``[bos_token_id]`` when ``tokenizer`` puts a BOS token before every text it encodes with its
+    defaults (Gemma, Llama-2: ``tokenizer("x").input_ids[0] == tokenizer.bos_token_id``), else
+    ``[]`` (GPT-2-style tokenizers such as SmolLM2's, which define a BOS token but add none).
+
+    Callers that cut a token stream into windows encode the text without special tokens and
+    prepend this prefix to every window, so that each one starts as the model saw its inputs in
+    training, not only the first (the prefix token of lm-eval's ``loglikelihood_rolling``).
+    """
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return []
+    ids = tokenizer("x", verbose=False).input_ids
+    return [bos] if len(ids) > 0 and ids[0] == bos else []

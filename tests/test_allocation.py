@@ -222,6 +222,37 @@ def test_invalid_allocation_configs_name_the_field(kwargs, message):
         SLRConfig(**kwargs)
 
 
+def test_a_pruning_method_spreads_its_sparsity_with_owl():
+    """``--sparsity 0.6 --allocation owl`` for a pruning method means compression ratio 0.6, rank 0;
+    the config keeps what was asked (the ratio is derived)."""
+    config = SLRConfig(method="wanda", sparsity=0.6, allocation="owl")
+    assert config.effective_compression_ratio == 0.6
+    assert config.to_dict()["sparsity"] == 0.6 and config.to_dict()["compression_ratio"] is None
+    assert SLRConfig(method="wanda", compression_ratio=0.6, allocation="owl").effective_compression_ratio == 0.6
+    assert SLRConfig(method="wanda", sparsity=0.6).effective_compression_ratio == 0.6
+    for kwargs in (dict(method="oats", sparsity=0.6), dict(method="wanda", sparsity="2:4"), dict(method="wanda")):
+        assert SLRConfig(**kwargs).effective_compression_ratio is None
+        with pytest.raises(ValueError, match="needs `compression_ratio`"):
+            SLRConfig(allocation="owl", **kwargs)
+
+
+def test_owl_pruning_by_sparsity_equals_owl_pruning_by_compression_ratio(tokenizer):
+    """The same layers either way, meeting the budget exactly (per matrix: row-wise top-k rounds per row)."""
+    common = dict(method="wanda", method_kwargs={"scope": "matrix"}, allocation="owl", dataset=TEXTS, n_samples=4, seq_len=16)
+    models = [
+        hf_slr.compress(tiny_model("llama", layers=3), SLRConfig(**common, **spelling), tokenizer)
+        for spelling in (dict(sparsity=0.6), dict(compression_ratio=0.6))
+    ]
+    layers = [{name: m for name, m in model.named_modules() if isinstance(m, SLRLinear)} for model in models]
+    assert layers[0].keys() == layers[1].keys()
+    for name, layer in layers[0].items():
+        assert layer.rank == 0 and torch.equal(layer.to_dense(), layers[1][name].to_dense())
+    assert models[0].slr_report["allocation"]["layer_sparsity"] == models[1].slr_report["allocation"]["layer_sparsity"]
+    assert len({round(s, 6) for s in models[0].slr_report["allocation"]["layer_sparsity"]}) > 1  # not uniform
+    kept = sum(layer.nnz for layer in layers[0].values())
+    assert kept == sum(math.floor(0.4 * layer.in_features * layer.out_features) for layer in layers[0].values())
+
+
 def test_every_hyperparameter_is_validated_and_the_cli_passes_them():
     for allocation in ("owl", "learned"):
         defaults = check_kwargs(allocation, {})

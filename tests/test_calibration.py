@@ -7,13 +7,17 @@ from types import SimpleNamespace
 import datasets
 import pytest
 import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from torch import nn
+from transformers import PreTrainedTokenizerFast
 
 from hf_slr.calibration import HessianAccumulator, InputNorms, calibration_ids
-from hf_slr.texts import C4_TRAIN_FILE, load_documents
+from hf_slr.texts import C4_TRAIN_FILE, bos_prefix, load_documents
 from hf_slr.texts import data_dir
 
 EOS = 0
+BOS = 1
+UNK = 2
 
 
 class NumberTokenizer:
@@ -70,6 +74,44 @@ def test_short_documents_are_concatenated_with_eos():
     for row in ids.tolist():
         assert f" {' '.join(map(str, row))} " in text
         assert EOS in row  # 12 tokens always cross a document boundary
+
+
+class BosNumberTokenizer(NumberTokenizer):
+    """A :class:`NumberTokenizer` that, like Gemma's, puts BOS before every text by default."""
+
+    bos_token_id = BOS
+
+    def __call__(self, text, add_special_tokens=True, **kwargs):
+        ids = [int(word) if word.isdigit() else UNK for word in text.split()]
+        return SimpleNamespace(input_ids=[BOS] * add_special_tokens + ids)
+
+
+def test_every_segment_starts_with_bos_when_the_tokenizer_adds_one():
+    """BOS, then seq_len - 1 tokens of the text: the draws of a BOS-free tokenizer at seq_len - 1."""
+    short = [_document(100 * (d + 1), 5) for d in range(6)]  # concatenated with EOS
+    long = [_document(1000 * (d + 1), 20 + 7 * d) for d in range(12)]
+    for documents, seq_len in ((short, 12), (long, 19)):
+        ids = calibration_ids(documents, BosNumberTokenizer(), n_samples=8, seq_len=seq_len, seed=1)
+        assert ids.shape == (8, seq_len) and (ids[:, 0] == BOS).all() and not (ids[:, 1:] == BOS).any()
+        plain = calibration_ids(documents, NumberTokenizer(), n_samples=8, seq_len=seq_len - 1, seed=1)
+        assert torch.equal(ids[:, 1:], plain)
+
+
+def test_bos_of_a_real_tokenizer_and_none_where_it_adds_none():
+    def word_tokenizer(adds_bos):
+        vocab = {"<unk>": 0, "<eos>": 1, "<bos>": 2, **{str(i): i + 3 for i in range(40)}}
+        backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+        backend.pre_tokenizer = pre_tokenizers.Whitespace()
+        if adds_bos:
+            backend.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])
+        return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="<eos>", bos_token="<bos>")
+
+    plain, with_bos = word_tokenizer(False), word_tokenizer(True)
+    documents = [" ".join(str(i) for i in range(d, d + 30)) for d in range(0, 10)]
+    assert bos_prefix(plain) == [] and bos_prefix(with_bos) == [2]
+    ids = calibration_ids(documents, with_bos, n_samples=4, seq_len=10, seed=0)
+    assert (ids[:, 0] == 2).all() and torch.equal(ids[:, 1:], calibration_ids(documents, plain, 4, 9, seed=0))
+    assert not (calibration_ids(documents, plain, 4, 10, seed=0) == 2).any()  # a tokenizer that names BOS but adds none
 
 
 def test_too_little_text_is_an_error():

@@ -4,9 +4,11 @@ import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
+from huggingface_hub import metadata_load
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
@@ -15,7 +17,7 @@ from hf_slr import SLRConfig, SLRLinear
 from hf_slr.allocation import uniform_target
 from hf_slr.format import pack_bits, unpack_bits
 from hf_slr.integration import information_bound_bytes, kept_fraction
-from hf_slr.serialization import checkpoint_bytes
+from hf_slr.serialization import checkpoint_bytes, model_card
 
 FAMILIES = ["llama", "qwen2", "opt"]
 
@@ -177,6 +179,29 @@ def test_checkpoint_layout_and_model_card(tiny_dense_dir, tmp_path):
     assert not list(tmp_path.glob(".slr.tmp-*")), "temporary folder left behind"
 
 
+def test_model_card_metadata_structure_and_measured_quality(tiny_dense_dir, tmp_path):
+    """Hub metadata base_model + base_model_relation: quantized; "low-rank factors" only where a
+    rank is > 0; the measured quality when passed, escaped."""
+    dense_dir = tiny_dense_dir("llama")
+    ppl = {"ppl": 23.456, "nll": 3.15, "dataset": "wikitext2", "n_windows": 20, "seq_len": 1024}
+    metrics = {"WikiText-2 <b>|`x`": ppl, "dense WikiText-2 perplexity": 21.5, "note": "a | b"}
+    folder = hf_slr.save_pretrained(_compress(dense_dir, 0.5, rank=4), tmp_path / "slr", metrics=metrics)
+    card = (folder / "README.md").read_text()
+    assert metadata_load(folder / "README.md") | {"tags": None} == {
+        "library_name": "transformers", "tags": None, "base_model": Path(dense_dir).name, "base_model_relation": "quantized"
+    }
+    assert "W = S + U V" in card and "low-rank factors U, V" in card
+    assert "| WikiText-2 &lt;b&gt;&#124;&#96;x&#96; | 23.46 perplexity (wikitext2, 20 x 1024 tokens) |" in card
+    assert "| dense WikiText-2 perplexity | 21.5 |" in card and "| note | a &#124; b |" in card
+
+    pruned = AutoModelForCausalLM.from_pretrained(dense_dir, quantization_config=SLRConfig(method="magnitude", sparsity=0.5))
+    card = model_card(pruned)
+    assert "rank-r" not in card and "U, V" not in card and "Measured quality" not in card
+    assert "compressed to sparse (pruned)" in card and "W = S, a sparse matrix (unstructured; pure pruning,\nno low-rank factors)" in card
+    with pytest.raises(ValueError, match="`metrics` must be a mapping"):
+        model_card(pruned, metrics=[("ppl", 1.0)])
+
+
 def test_checkpoint_is_near_information_bound(tiny_dense_dir, tmp_path):
     dense_dir = tiny_dense_dir("llama")
     for sparsity in (0.5, "2:4"):
@@ -311,7 +336,6 @@ INVALID_CONFIGS = [
     (dict(rank=2.5), "`rank` must be an int >= 0"),
     (dict(compression_ratio=1.5, rank_ratio=0.3), "`compression_ratio` must be a float in \\(0, 1\\)"),
     (dict(compression_ratio=0.5, rank=8, sparsity="2:8"), "exclusive"),
-    (dict(compression_ratio=0.5), "`rank_ratio`"),
     (dict(compression_ratio=0.5, sparsity=0.5, rank_ratio=0.3), "exclusive for unstructured"),
     (dict(compression_ratio=0.6, sparsity="2:4"), "keeps fewer parameters than the 2:4 pattern"),
     (dict(rank_ratio=0.3), "`rank_ratio` needs `compression_ratio`"),

@@ -8,6 +8,15 @@ sliding-window protocol (https://huggingface.co/docs/transformers/perplexity): t
 scores all its tokens, each later window only the ``stride`` tokens it adds, with the previous
 ``seq_len - stride`` tokens as context. Perplexity is exp of the mean NLL over all scored tokens.
 
+Models that expect a BOS token (their tokenizer adds one, e.g. the Gemma family; see
+:func:`hf_slr.texts.bos_prefix`): the text is tokenized without special tokens and every window
+gets BOS prepended, so the model runs on ``seq_len + 1`` positions. The BOS position itself is not
+scored (nor its prediction of the window's first token): the windows, the scored tokens and their
+count are those of the protocol above, each window conditioned on BOS as at the start of a document.
+This extends lm-eval's ``loglikelihood_rolling``, which puts the BOS prefix before its first
+window, to the papers' windows, each of which starts without context. Tokenizers that add no BOS
+(GPT-2 style, SmolLM2) are unaffected.
+
 Datasets:
 
 - ``"wikitext2"``: WikiText-2 raw test rows joined with ``"\\n\\n"`` (the GPTQ text);
@@ -29,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..texts import load_documents
+from ..texts import bos_prefix, load_documents
 
 __all__ = ["DATASETS", "load_text", "perplexity"]
 
@@ -74,7 +83,8 @@ def perplexity(
     the split of a Hub dataset.
 
     Returns a dict with ``ppl``, ``nll`` (mean NLL per scored token, nats), ``n_tokens`` (scored
-    tokens), ``n_windows``, ``seq_len``, ``stride``, ``dataset`` and ``seconds``.
+    tokens), ``n_windows``, ``seq_len``, ``stride``, ``dataset``, ``bos`` (whether every window
+    started with BOS) and ``seconds``.
     """
     stride = seq_len if stride is None else stride
     if not 0 < stride <= seq_len:
@@ -83,7 +93,12 @@ def perplexity(
         max_windows = C4_WINDOWS
     start_time = time.perf_counter()
 
-    ids = tokenizer(load_text(dataset, split), return_tensors="pt", verbose=False).input_ids[0]
+    prefix = torch.tensor(bos_prefix(tokenizer), dtype=torch.long)
+    text = load_text(dataset, split)
+    if prefix.numel():
+        ids = tokenizer(text, add_special_tokens=False, return_tensors="pt", verbose=False).input_ids[0]
+    else:
+        ids = tokenizer(text, return_tensors="pt", verbose=False).input_ids[0]
     starts = _window_starts(ids.numel(), seq_len, stride, max_windows)
     device = model.get_input_embeddings().weight.device
 
@@ -91,11 +106,12 @@ def perplexity(
     batches = range(0, len(starts), batch_size)
     for first in tqdm(batches, desc=f"perplexity {dataset}", disable=not progress):
         batch_starts = starts[first : first + batch_size]
-        inputs = torch.stack([ids[s : s + seq_len] for s in batch_starts]).to(device)
+        inputs = torch.stack([torch.cat([prefix, ids[s : s + seq_len]]) for s in batch_starts]).to(device)
         logits = model(input_ids=inputs, use_cache=False).logits
         for row, start in enumerate(batch_starts):
-            # The first window scores every prediction, later ones only the (up to) `stride` new tokens.
-            skip = 0 if start == 0 else max(seq_len - stride - 1, 0)
+            # The first window scores every prediction, later ones only the (up to) `stride` new tokens;
+            # none scores the BOS prefix's prediction.
+            skip = prefix.numel() + (0 if start == 0 else max(seq_len - stride - 1, 0))
             targets = inputs[row, skip + 1 :]
             nll_sum += F.cross_entropy(logits[row, skip:-1].float(), targets, reduction="sum").item()
             n_scored += targets.numel()
@@ -109,5 +125,6 @@ def perplexity(
         "seq_len": seq_len,
         "stride": stride,
         "dataset": dataset,
+        "bos": bool(prefix.numel()),
         "seconds": time.perf_counter() - start_time,
     }

@@ -1,10 +1,11 @@
-"""A tiny random Llama and a byte-level BPE tokenizer built in memory (no downloads)."""
+"""Tiny random Llamas and byte-level BPE tokenizers built in memory (no downloads): ``tokenizer``
+adds no BOS token (GPT-2 / SmolLM2 style), ``bos_tokenizer`` puts one before every text (Gemma style)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from tiny_models import tiny_config
@@ -32,7 +33,18 @@ def tokenizer():
 
 
 @pytest.fixture(scope="session")
-def tiny_model(tokenizer):
+def bos_tokenizer(tokenizer):
+    """``tokenizer`` plus a ``<bos>`` token that its post-processor puts before every text."""
+    backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+    backend.add_special_tokens(["<bos>"])
+    bos = backend.token_to_id("<bos>")
+    backend.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", pair="<bos> $A <bos> $B", special_tokens=[("<bos>", bos)]
+    )
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>", bos_token="<bos>")
+
+
+def _tiny_llama(tokenizer):
     torch.manual_seed(0)
     config = tiny_config(
         vocab_size=len(tokenizer),
@@ -42,3 +54,14 @@ def tiny_model(tokenizer):
         eos_token_id=tokenizer.eos_token_id,
     )
     return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tokenizer):
+    return _tiny_llama(tokenizer)
+
+
+@pytest.fixture(scope="session")
+def bos_model(bos_tokenizer):
+    """A tiny random Llama with ``bos_tokenizer``'s vocabulary."""
+    return _tiny_llama(bos_tokenizer)

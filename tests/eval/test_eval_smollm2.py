@@ -24,7 +24,7 @@ def smollm2():
 def test_wikitext2_reference(smollm2):
     """Dense fp32 perplexity on the first 20 non-overlapping 1024-token windows, measured as 23.48."""
     out = perplexity(*smollm2, "wikitext2", seq_len=1024, max_windows=20, progress=False)
-    assert (out["n_windows"], out["n_tokens"]) == (20, 20 * 1023)
+    assert (out["n_windows"], out["n_tokens"], out["bos"]) == (20, 20 * 1023, False)  # SmolLM2 adds no BOS
     assert out["ppl"] == pytest.approx(23.48, abs=0.01)
 
 
