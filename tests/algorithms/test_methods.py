@@ -18,7 +18,7 @@ METHODS = {
     "activation_svd": ({}, None),
     "magnitude_svd": ({}, "matrix"),
     "oats": ({"iterations": 4}, "row"),
-    "sslc": ({"iterations": 4}, "matrix"),
+    "sslc": ({"iterations": 4}, "row"),
 }
 TARGETS = [
     Target(rank=0, sparsity=0.5),
@@ -203,13 +203,18 @@ def test_oats_matches_reference_and_history():
     assert history[-1] == pytest.approx(relative_objective(weight, sparse, u, v, hessian), rel=1e-4)
 
 
-def test_sslc_preserves_top_salient_weights():
+@pytest.mark.parametrize("scope", ["row", "matrix"])
+def test_sslc_preserves_top_salient_weights(scope):
     weight, hessian = _layer(rows=20, cols=40, seed=6)
     target = Target(rank=4, sparsity=0.5)
-    sparse, _, _ = get("sslc").run(weight, hessian, target, {"iterations": 3})
-    salience = (weight * hessian.diagonal().sqrt()).abs().flatten()
-    top = salience.argsort(descending=True)[: 8]  # 1% of 800 weights
-    torch.testing.assert_close(sparse.flatten()[top], weight.flatten()[top])
+    sparse, _, _ = get("sslc").run(weight, hessian, target, {"iterations": 3, "scope": scope})
+    salience = (weight * hessian.diagonal().sqrt()).abs()
+    if scope == "matrix":  # 1% of 800 weights: the 8 most salient of the matrix
+        top = salience.flatten().argsort(descending=True)[:8]
+        torch.testing.assert_close(sparse.flatten()[top], weight.flatten()[top])
+    else:  # 1% of a 40-wide row keeps its most salient weight
+        top = salience.argmax(dim=1, keepdim=True)
+        torch.testing.assert_close(sparse.gather(1, top), weight.gather(1, top))
 
 
 def test_activation_svd_is_diagonal_weighted_optimum():
