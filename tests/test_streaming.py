@@ -141,3 +141,19 @@ def test_non_uniform_allocation_and_foreign_targets_are_refused_before_work(dens
     (tmp_path / "mine" / "data.txt").write_text("x")
     with pytest.raises(FileExistsError, match="not an hf_slr checkpoint"):
         hf_slr.compress_checkpoint(dense_dir, tmp_path / "mine", _request(tokenizer))
+
+
+@pytest.mark.parametrize("method", hf_slr.algorithms.available())
+def test_the_cli_compression_ratio_alone_works_for_every_method(method, dense_dir, tmp_path, tokenizer, monkeypatch):
+    """``hf-slr compress --compression-ratio 0.5``: each method's own paper split (issue 16 item 2)."""
+    from hf_slr import cli
+    from hf_slr.allocation import uniform_target
+
+    requests = []
+    monkeypatch.setattr(hf_slr, "compress_checkpoint", lambda *args, **kwargs: requests.append(args[2]) or Path(args[1]))
+    tokenizer.save_pretrained(dense_dir)
+    cli.main(["compress", str(dense_dir), "--method", method, "--compression-ratio", "0.5", "--out", str(tmp_path / "o")])
+    (config,) = requests
+    assert config.compression_ratio == 0.5 and config.rank_ratio is None
+    target = uniform_target(64, 48, config)
+    assert 64 * 48 // 2 - (64 + 48) < target.kept_total(64, 48) + target.rank * (64 + 48) <= 64 * 48 // 2
