@@ -4,6 +4,7 @@
     python benchmarks/end_to_end.py --suite methods             # issue 4 table (HASSLE-free, 3BASiL, TM)
     python benchmarks/end_to_end.py --suite allocation          # issue 6 table (uniform / OWL / learned)
     python benchmarks/end_to_end.py --suite sslc_ablation       # issue 16: SSLC, one change per row
+    python benchmarks/end_to_end.py --suite defaults            # issue 16: each method's own defaults at 50%
     python benchmarks/end_to_end.py --suite all                 # all of them, in PRIORITY order
     python benchmarks/end_to_end.py --suite pipeline --table    # print the markdown table of finished runs
 
@@ -68,6 +69,18 @@ SUITES = {
         ("sslc-row-paper-nopreserve", {"method": "sslc", "compression_ratio": 0.5, "method_kwargs": {"scope": "row", "preserve_fraction": 0.0}}),
         ("sslc-row-paper-T10", {"method": "sslc", "compression_ratio": 0.5, "method_kwargs": {"scope": "row", "iterations": 10}}),
     ],
+    # Issue 16: every method at 50% of the projection parameters with its own defaults (paper split,
+    # paper iterations, TM at 002's schedule): `--compression-ratio 0.5` and nothing else.
+    "defaults": [
+        ("dense", None),
+        ("wanda-cr0.5", {"method": "wanda", "compression_ratio": 0.5}),
+        ("sparsegpt-cr0.5", {"method": "sparsegpt", "compression_ratio": 0.5}),
+        ("sslc-cr0.5", {"method": "sslc", "compression_ratio": 0.5}),
+        ("threebasil-cr0.5+tm", {"method": "threebasil", "compression_ratio": 0.5, "transformer_matching": True}),
+        ("hassle_free-cr0.5", {"method": "hassle_free", "compression_ratio": 0.5}),
+        ("oats-cr0.5", {"method": "oats", "compression_ratio": 0.5}),
+        ("threebasil-cr0.5", {"method": "threebasil", "compression_ratio": 0.5}),
+    ],
     "allocation": [
         (f"qr_rpca-cr{ratio}-{allocation}", {"method": "qr_rpca", "compression_ratio": ratio, "rank_ratio": 0.25, "allocation": allocation})
         for ratio in (0.5, 0.4)
@@ -105,7 +118,8 @@ def run_one(name: str, kwargs: dict | None, args, tokenizer) -> dict:
         kwargs = dict(kwargs)
         method_kwargs = {**kwargs.pop("method_kwargs", {}), **args.method_overrides.get(kwargs["method"], {})}
         if kwargs.get("transformer_matching"):
-            kwargs["tm_kwargs"] = {**kwargs.get("tm_kwargs", {}), "epochs": args.tm_epochs}
+            schedule = {"epochs": args.tm_epochs} | ({"lr": args.tm_lr} if args.tm_lr is not None else {})
+            kwargs["tm_kwargs"] = {**kwargs.get("tm_kwargs", {}), **schedule}
         config = hf_slr.SLRConfig(
             **kwargs,
             n_samples=args.n_samples,
@@ -166,6 +180,7 @@ def main():
     parser.add_argument("--eval-seq-len", type=int, default=1024)
     parser.add_argument("--eval-windows", type=int, default=20)
     parser.add_argument("--tm-epochs", type=int, default=20, help="transformer-matching epochs (002: 20)")
+    parser.add_argument("--tm-lr", type=float, default=None, help="transformer-matching peak lr (default: 002's 2e-5)")
     parser.add_argument(
         "--method-kwargs",
         default="{}",
