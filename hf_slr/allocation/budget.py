@@ -36,7 +36,8 @@ def uniform_target(out_features: int, in_features: int, request) -> Target:
     §5); for unstructured S, with ``rank_ratio`` kappa, r = floor(kappa (1 - rho) m n / (m + n)) and
     nnz(S) = floor((1 - kappa)(1 - rho) m n) (HASSLE-free App. A.3, the OATS rule). Without
     ``rank_ratio`` the method's own paper split decides r (:func:`default_rank_ratio`) and S holds
-    the rest, nnz(S) = floor((1 - rho) m n) - r (m + n).
+    the rest, nnz(S) = floor((1 - rho) m n) - r (m + n), rounded down to whole rows (a multiple of
+    m) so that per-row and per-matrix sparse steps both keep exactly nnz(S).
     """
     nm_pattern, sparsity = request.nm_pattern, request.sparsity_fraction
     low_rank = get_algorithm(request.method).low_rank
@@ -56,6 +57,7 @@ def uniform_target(out_features: int, in_features: int, request) -> Target:
         kappa = default_rank_ratio(out_features, in_features, request)
         rank = min(int(math.floor(kappa * kept * numel / fan + 1e-9)), out_features, in_features)
         nnz = max(0, int(math.floor(kept * numel)) - rank * fan) if get_algorithm(request.method).sparse else 0
+        nnz -= nnz % out_features  # whole rows: a per-row scope keeps nnz exactly, never more than the budget
     return Target(rank=rank, sparsity=(numel - nnz) / numel)
 
 

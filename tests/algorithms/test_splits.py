@@ -22,8 +22,11 @@ def test_compression_ratio_alone_keeps_exactly_the_budget_with_the_papers_split(
         target = uniform_target(m, n, config)
         kept = target.kept_total(m, n) + target.rank * (m + n)
         budget = math.floor((1 - ratio) * m * n)
-        # The split spends the whole budget (a pure low-rank method may leave less than m + n unused).
+        # The split spends the whole budget (up to whole rows of S, or < m + n for a pure low-rank method),
+        # under both sparse scopes: per row, S keeps kept_per_row in every one of the m rows.
         assert budget - (m + n) < kept <= budget, (method, m, n, target)
+        if algorithm.low_rank and algorithm.sparse:
+            assert m * target.kept_per_row(n) == target.kept_total(m, n)
         split = algorithm.split
         if not algorithm.low_rank:
             assert target.rank == 0
