@@ -17,6 +17,8 @@ from hf_slr.algorithms import Target
 from hf_slr.allocation import ALLOCATIONS, check_kwargs
 from hf_slr.allocation.bilevel import (
     annealed_gamma,
+    draw_samples,
+    gradient_estimate,
     policy_gradient,
     truncated_gaussian,
     truncated_gaussian_variance,
@@ -91,26 +93,22 @@ def test_truncated_gaussian_samples_stay_in_the_window_with_the_analytic_varianc
 # --- policy gradient (000 App. D.1-D.2) -----------------------------------------------------------
 
 
-def test_policy_gradient_is_unbiased_on_a_quadratic_loss():
-    """The mean of many two-sample estimates against two independent references: the gradient of
-    E[L] under N(mu, sigma^2) restricted to the window fixed at the current mu (finite differences
-    of a quadrature), for which Lemma 1's score is exact, and beta(gamma / sigma) times the closed-
-    form gradient 2 A (mu - c) of the moving-window expectation."""
-    sigma2, gamma = 0.01, 0.15
-    sigma = math.sqrt(sigma2)
-    a = torch.tensor([[2.0, 0.6, 0.0], [0.6, 1.0, -0.3], [0.0, -0.3, 0.5]], dtype=torch.float64)
-    c = torch.tensor([0.3, 0.7, 0.2], dtype=torch.float64)
-    mu = torch.tensor([0.5, 0.45, 0.6], dtype=torch.float64)
+# The toy quadratic L(x) = (x - c)^T A (x - c) at mu, sampled in the window [mu - gamma, mu + gamma].
+TOY_SIGMA2, TOY_GAMMA = 0.01, 0.15
+TOY_A = torch.tensor([[2.0, 0.6, 0.0], [0.6, 1.0, -0.3], [0.0, -0.3, 0.5]], dtype=torch.float64)
+TOY_C = torch.tensor([0.3, 0.7, 0.2], dtype=torch.float64)
+TOY_MU = torch.tensor([0.5, 0.45, 0.6], dtype=torch.float64)
 
-    def loss(x):
-        d = x - c
-        return ((d @ a) * d).sum(-1)
 
-    n = 1_000_000
-    generator = torch.Generator().manual_seed(0)
-    x, x_prime = (truncated_gaussian(mu.expand(n, 3), sigma, gamma, generator) for _ in range(2))
-    estimates = policy_gradient(loss(x)[:, None], loss(x_prime)[:, None], x, mu, sigma2)  # n estimates at once
-    mean, standard_error = estimates.mean(0), estimates.std(0) / math.sqrt(n)
+def _toy_loss(x):
+    d = x - TOY_C
+    return ((d @ TOY_A) * d).sum(-1)
+
+
+def _fixed_window_gradient():
+    """The gradient of E[L] under N(mu, sigma^2) restricted to the window fixed at the current mu
+    (finite differences of a quadrature), for which Lemma 1's score is exact."""
+    sigma, gamma = math.sqrt(TOY_SIGMA2), TOY_GAMMA
 
     def window_moments(center, location):
         density = lambda t: torch.exp(-0.5 * ((t - location) / sigma) ** 2)  # noqa: E731
@@ -120,18 +118,76 @@ def test_policy_gradient_is_unbiased_on_a_quadratic_loss():
         return first, second
 
     def fixed_window_objective(location):
-        moments = [window_moments(float(mu[i]), float(location[i])) for i in range(3)]
+        moments = [window_moments(float(TOY_MU[i]), float(location[i])) for i in range(3)]
         m = torch.tensor([first for first, _ in moments], dtype=torch.float64)
         second = torch.tensor([s for _, s in moments], dtype=torch.float64)
-        d = m - c
-        return float((d @ a) @ d + (a.diagonal() * (second - m * m)).sum())
+        d = m - TOY_C
+        return float((d @ TOY_A) @ d + (TOY_A.diagonal() * (second - m * m)).sum())
 
     h, steps = 1e-4, torch.eye(3, dtype=torch.float64)
-    differences = [fixed_window_objective(mu + h * e) - fixed_window_objective(mu - h * e) for e in steps]
-    reference = torch.tensor(differences, dtype=torch.float64) / (2 * h)
+    differences = [fixed_window_objective(TOY_MU + h * e) - fixed_window_objective(TOY_MU - h * e) for e in steps]
+    return torch.tensor(differences, dtype=torch.float64) / (2 * h)
+
+
+def _toy_estimates(n, pairs=1, antithetic=False, baseline=None, seed=0):
+    """[n, 3]: n independent one-step estimates of gradient_estimate on the toy (same seed, same draws)."""
+    samples = draw_samples(TOY_MU, math.sqrt(TOY_SIGMA2), TOY_GAMMA, n * pairs, antithetic, torch.Generator().manual_seed(seed))
+    samples = torch.cat([samples[: n * pairs].view(n, pairs, 3), samples[n * pairs :].view(n, pairs, 3)], dim=1)
+    return gradient_estimate(_toy_loss(samples), samples, TOY_MU, TOY_SIGMA2, antithetic=antithetic, baseline=baseline)
+
+
+def test_policy_gradient_is_unbiased_on_a_quadratic_loss():
+    """The mean of many two-sample estimates against two independent references: the fixed-window
+    gradient (:func:`_fixed_window_gradient`) and beta(gamma / sigma) times the closed-form
+    gradient 2 A (mu - c) of the moving-window expectation."""
+    sigma = math.sqrt(TOY_SIGMA2)
+    n = 1_000_000
+    generator = torch.Generator().manual_seed(0)
+    x, x_prime = (truncated_gaussian(TOY_MU.expand(n, 3), sigma, TOY_GAMMA, generator) for _ in range(2))
+    estimates = policy_gradient(_toy_loss(x)[:, None], _toy_loss(x_prime)[:, None], x, TOY_MU, TOY_SIGMA2)  # n at once
+    mean, standard_error = estimates.mean(0), estimates.std(0) / math.sqrt(n)
+    reference = _fixed_window_gradient()
     assert bool(((mean - reference).abs() < 5 * standard_error).all()), (mean, reference, standard_error)
-    beta = truncated_gaussian_variance(sigma, gamma) / sigma2
-    torch.testing.assert_close(reference, beta * 2 * a @ (mu - c), rtol=1e-5, atol=1e-7)
+    beta = truncated_gaussian_variance(sigma, TOY_GAMMA) / TOY_SIGMA2
+    torch.testing.assert_close(reference, beta * 2 * TOY_A @ (TOY_MU - TOY_C), rtol=1e-5, atol=1e-7)
+    # gradient_estimate's paper form is policy_gradient on the same draws
+    torch.testing.assert_close(_toy_estimates(1000), policy_gradient(*_paper_pairs(1000), TOY_MU, TOY_SIGMA2))
+
+
+def _paper_pairs(n):
+    x, x_prime = draw_samples(TOY_MU, math.sqrt(TOY_SIGMA2), TOY_GAMMA, n, False, torch.Generator().manual_seed(0)).view(2, n, 3)
+    return _toy_loss(x)[:, None], _toy_loss(x_prime)[:, None], x
+
+
+@pytest.mark.parametrize(
+    "pairs, antithetic, baseline",
+    [(1, True, None), (3, True, None), (2, False, 0.05), (1, False, None)],
+    ids=["antithetic", "3-antithetic-pairs", "constant-baseline", "paper-pairs"],
+)
+def test_variance_reduced_estimators_stay_unbiased(pairs, antithetic, baseline):
+    """Antithetic pairs (the window is symmetric about mu), several pairs, and a baseline independent
+    of the samples (a moving average of past losses) keep E[g] the fixed-window gradient: the mean
+    of n estimates is within 5 standard errors of it."""
+    n = 1_000_000 // pairs
+    estimates = _toy_estimates(n, pairs, antithetic, baseline)
+    mean, standard_error = estimates.mean(0), estimates.std(0) / math.sqrt(n)
+    reference = _fixed_window_gradient()
+    assert bool(((mean - reference).abs() < 5 * standard_error).all()), (mean, reference, standard_error)
+
+
+def test_variance_reduced_estimators_have_lower_variance_on_the_toy():
+    """tr Cov(g) of the same 200k draws: the antithetic pair removes the curvature terms and the
+    independent second sample's noise; K pairs divide by K; a baseline near E[L] beats the pair."""
+    n = 200_000
+
+    def variance(**kwargs):
+        return float(_toy_estimates(n, **kwargs).var(0).sum())
+
+    paper = variance()
+    expected_loss = float(_toy_loss(TOY_MU)) + TOY_A.diagonal().sum() * truncated_gaussian_variance(math.sqrt(TOY_SIGMA2), TOY_GAMMA)
+    assert variance(antithetic=True) < 0.6 * paper
+    assert variance(antithetic=True, pairs=4) == pytest.approx(variance(antithetic=True) / 4, rel=0.05)
+    assert variance(pairs=1, baseline=float(expected_loss)) < 0.6 * paper
 
 
 def test_cubic_annealing_endpoints():
@@ -334,3 +390,38 @@ def test_learned_allocation_restores_the_dense_weights_before_compressing(tokeni
         sparse, u, v = method.run(weight, None, target)
         with torch.no_grad():
             torch.testing.assert_close(model.get_submodule(name).to_dense(), sparse + u @ v)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {},
+        {"antithetic": False, "baseline": "moving_average", "pairs": 2, "fixed_batch": False, "batch_tokens": None},
+        {"antithetic": False, "center_iterations": 0, "inner_iterations": 2},
+    ],
+    ids=["defaults", "moving-average", "paper-pairs-frozen-centre"],
+)
+def test_learned_allocation_runs_every_estimator_on_a_synthetic_loss(kwargs):
+    """The loop without a model: L_B = the mean squared error of W_hat (so it only checks the
+    plumbing: every sample gets a loss on the given rows, mu stays feasible, the curve is filled)."""
+    from hf_slr.allocation.bilevel import learn_allocation
+
+    generator = torch.Generator().manual_seed(0)
+    groups = [[f"l{layer}.{kind}" for kind in ("a", "b")] for layer in range(3)]
+    weights = {name: torch.randn(24, 16, generator=generator) for group in groups for name in group}
+    weights.update({f"l{layer}.b": torch.randn(8, 16, generator=generator) for layer in range(3)})
+    norms = {name: torch.rand(16, generator=generator) + 0.1 for name in weights}
+    seen = []
+
+    def loss(approximations, rows, tokens):
+        seen.append((rows.tolist(), tokens))
+        return float(sum(((approximations[n] - weights[n]) * norms[n]).pow(2).mean() for n in approximations))
+
+    learned = learn_allocation(weights, norms, groups, 0.5, 0.25, loss, 10, steps=4, **kwargs)
+    assert len(learned.loss_curve) == 4
+    assert float(learned.layer_sparsity.mean()) == pytest.approx(0.5, abs=1e-12)
+    assert bool((learned.rank_ratio >= 0).all() and (learned.rank_ratio <= 1).all())
+    pairs = kwargs.get("pairs", 1)
+    assert len(seen) == 4 * 2 * pairs
+    if kwargs.get("fixed_batch", True):
+        assert len({tuple(rows) for rows, _ in seen}) == 1 and seen[0][1] == 64

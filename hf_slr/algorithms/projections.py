@@ -15,6 +15,9 @@ __all__ = ["SCOPES", "mask_topk_per_row", "mask_topk_matrix", "mask_nm", "sparsi
 # Comparison groups of unstructured sparsity: every output row keeps its share, or the whole matrix.
 SCOPES = ("row", "matrix")
 
+SAMPLE_SIZE = 16384
+"""Entries of the (seeded, uniform) sample whose quantile is the first threshold guess of a large matrix."""
+
 
 def _keep_indices(scores: torch.Tensor, kept: int, dim: int) -> torch.Tensor:
     mask = torch.zeros_like(scores, dtype=torch.bool)
@@ -62,13 +65,33 @@ class SupportProjector:
     index) for methods that project hundreds of times, without sorting: N:M ranks every entry by
     pairwise comparisons inside its group; top-k per row thresholds at ``kthvalue``; top-k per
     matrix finds the threshold inside a narrow band around the previous call's one (the support
-    moves little between iterations), falling back to ``kthvalue``.
+    moves little between iterations; on the first call, around the quantile of a random sample),
+    falling back to ``kthvalue``.
     """
 
     def __init__(self, target: Target, scope: str = "row"):
         if scope not in ("row", "matrix"):
             raise ValueError(f"scope must be 'row' or 'matrix', got {scope!r}")
         self.target, self.scope, self.threshold = target, scope, None
+        self.strict = False  # whether exactly `kept` values of the last call are >= the threshold
+
+    def apply(self, values: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """``out`` = ``values`` * self(|values|): the values on the keep-set (the same set), zero
+        elsewhere. Per matrix, when exactly ``kept`` scores are >= the kept-th largest tau (no tie to
+        break, known from the band search), in float passes only: scores above the float just below
+        tau, on each sign (no boolean mask, no second search)."""
+        scores = values.abs()
+        if self.target.nm_pattern is None and self.scope == "matrix":
+            kept = self.target.kept_total(*values.shape)
+            if 0 < kept < values.numel():
+                tau = self._matrix_threshold(scores.reshape(1, -1), kept)
+                if self.strict:
+                    below = float(torch.nextafter(tau.to(scores.dtype), tau.new_tensor(-float("inf"), dtype=scores.dtype)))
+                    threshold = torch.nn.functional.threshold  # v > below, kept; -v > below, kept (negated twice)
+                    threshold(torch.neg(values, out=out), below, 0.0, inplace=True).neg_()
+                    return out.add_(threshold(values, below, 0.0))
+                return torch.mul(values, self._top(scores.reshape(1, -1), kept, lambda *_: tau).view_as(scores), out=out)
+        return torch.mul(values, self(scores), out=out)
 
     def __call__(self, scores: torch.Tensor) -> torch.Tensor:
         if self.target.nm_pattern is not None:
@@ -112,15 +135,20 @@ class SupportProjector:
 
     def _matrix_threshold(self, flat: torch.Tensor, kept: int) -> torch.Tensor:
         values = flat[0]
+        if self.threshold is None and values.numel() > 4 * SAMPLE_SIZE:  # first call: the quantile of a sample
+            picks = torch.randint(values.numel(), (SAMPLE_SIZE,), generator=torch.Generator().manual_seed(0))
+            rank = round(SAMPLE_SIZE * (1.0 - kept / values.numel()))
+            self.threshold = float(values[picks.to(values.device)].kthvalue(min(max(rank, 1), SAMPLE_SIZE)).values)
         if self.threshold is not None:
             hint, spread = self.threshold, 0.02 * abs(self.threshold) + 1e-30
             for _ in range(3):
                 above = int(torch.count_nonzero(values > hint + spread))
-                band = values[(values > hint - spread) & (values <= hint + spread)]
+                band = values[(values > hint - spread).logical_and_(values <= hint + spread)]
                 if above < kept <= above + band.numel():
-                    self.threshold = float(band.kthvalue(band.numel() - (kept - above) + 1).values)
+                    tau = band.kthvalue(band.numel() - (kept - above) + 1).values
+                    self.threshold, self.strict = float(tau), above + int(torch.count_nonzero(band >= tau)) == kept
                     return torch.tensor(self.threshold, dtype=values.dtype, device=values.device)
                 spread *= 4
         tau = values.kthvalue(values.numel() - kept + 1).values
-        self.threshold = float(tau)
+        self.threshold, self.strict = float(tau), False
         return tau

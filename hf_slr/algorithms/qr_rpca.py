@@ -21,6 +21,10 @@ spread over two decades. The per-matrix budget (default) gives 4.78e-3 at 50%, b
 ``init=(S, U, V)`` warm-starts from a previous solution (000 App. C.3): S_0 = S and V_0 = V, with
 Gaussian rows appended when the target rank grew, or trailing rows dropped when it shrank. 80
 iterations by default (000 Table 6; 20 inside the bilevel loop, where ``init`` is given).
+
+:func:`solve` runs a stack of same-shape matrices at once (one batched QR and matmul per iteration;
+:func:`decompose` is a stack of one), and :func:`solve_many` several targets of one stack from the
+same warm start, sharing the first iteration's QR: the inner solves of the learned allocation.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from .hyperparameters import SEED_RANGE, hyperparameter
 from .lowrank import input_norms, pad_factors
 from .projections import SCOPES, SupportProjector
 
-__all__ = ["ALGORITHM", "QRRPCAHyperparameters", "decompose", "solve"]
+__all__ = ["ALGORITHM", "QRRPCAHyperparameters", "decompose", "solve", "solve_many"]
 
 
 @dataclass(frozen=True)
@@ -60,6 +64,38 @@ def _initial_row_space(
     return torch.cat([rows, gaussian])
 
 
+def _row_spaces(weights: torch.Tensor, ranks: list[int], init_v, seed: int) -> torch.Tensor:
+    """V_0 [B, max(ranks), n]: per matrix its warm start's rows (or Gaussian ones), zero-padded."""
+    v = weights.new_zeros(weights.shape[0], max(ranks, default=0), weights.shape[2])
+    for b, rank in enumerate(ranks):
+        v[b, :rank] = _initial_row_space(init_v[b], rank, weights.shape[2], weights, torch.Generator().manual_seed(seed))
+    return v
+
+
+def _columns(ranks: list[int], width: int, like: torch.Tensor) -> torch.Tensor:
+    """[B, 1, width]: column c of matrix b is live iff c < ranks[b]."""
+    return (torch.arange(width, device=like.device) < torch.tensor(ranks, device=like.device)[:, None])[:, None].to(like.dtype)
+
+
+def _low_rank(weights, sparse, v, columns, buffer):
+    """One subspace step: U = Q of (W - S) V^T (columns beyond each rank zeroed), V = U^T (W - S)."""
+    difference = torch.sub(weights, sparse, out=buffer)
+    u = torch.linalg.qr(difference @ v.mT).Q * columns
+    return u, u.mT @ difference
+
+
+def _residual(weights, u, v, out):
+    """W - U V into ``out``."""
+    return torch.baddbmm(weights, u, v, alpha=-1.0, out=out) if u.shape[2] else out.copy_(weights)
+
+
+def _project(residual, projectors, out):
+    """S = P_Omega(residual) of every matrix into ``out``."""
+    for b, project in enumerate(projectors):
+        project.apply(residual[b], out=out[b])
+    return out
+
+
 def solve(
     weights: torch.Tensor,
     ranks: list[int],
@@ -70,6 +106,7 @@ def solve(
     init_v: list[torch.Tensor | None] | None = None,
     seed: int = 0,
     callback=None,
+    approximate: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """000 Algorithm 2 on a stack of B matrices of one shape at once: (S, U, V) of ``weights``
     [B, m, n] (float32, already scaled) after ``iterations`` steps; the one implementation
@@ -78,34 +115,78 @@ def solve(
     ``ranks[b]``: the rank of matrix b; the stack runs at R = max(ranks) with the columns of Q
     beyond ranks[b] zeroed after each (batched) QR, so U [B, m, R] and V [B, R, n] have zero
     columns / rows there (Householder QR is column-sequential: Q's first r columns do not depend on
-    the later ones). ``projectors[b](scores [m, n]) -> keep-mask``: the sparse projection of matrix
-    b (a :class:`SupportProjector`). ``sparse`` [B, m, n] and ``init_v[b]`` [r_b, n] warm-start
-    (V_0 truncated to ranks[b], or extended by Gaussian rows of a generator seeded with ``seed``,
-    one per matrix as in a per-matrix call). ``callback(S, U, V)`` runs after every iteration.
+    the later ones). ``projectors[b]``: the sparse projection of matrix b (a
+    :class:`SupportProjector`, whose ``apply`` keeps the entries of the largest scores).
+    ``sparse`` [B, m, n] and ``init_v[b]`` [r_b, n] warm-start (V_0 truncated to ranks[b], or
+    extended by Gaussian rows of a generator seeded with ``seed``, one per matrix as in a
+    per-matrix call). ``callback(S, U, V)`` runs after every iteration. With ``approximate`` the
+    first tensor returned is S + U V (as S + W - (W - U V), from the last residual) instead of S.
     """
-    batch, out_features, in_features = weights.shape
-    width = max(ranks, default=0)
-    init_v = [None] * batch if init_v is None else init_v
+    init_v = [None] * weights.shape[0] if init_v is None else init_v
     sparse = weights.new_zeros(weights.shape) if sparse is None else sparse.to(weights).clone()
-    v = weights.new_zeros(batch, width, in_features)
-    for b, rank in enumerate(ranks):
-        v[b, :rank] = _initial_row_space(init_v[b], rank, in_features, weights, torch.Generator().manual_seed(seed))
-    columns = (torch.arange(width, device=weights.device) < torch.tensor(ranks, device=weights.device)[:, None])[:, None]
-    u = weights.new_zeros(batch, out_features, width)
+    v = _row_spaces(weights, ranks, init_v, seed)
+    columns = _columns(ranks, v.shape[1], weights)
+    u = weights.new_zeros(weights.shape[0], weights.shape[1], v.shape[1])
     buffer = torch.empty_like(weights)  # W - S, then W - U V: one allocation for all iterations
     for _ in range(iterations):
-        if width > 0:
-            difference = torch.sub(weights, sparse, out=buffer)
-            u = torch.linalg.qr(difference @ v.mT).Q * columns
-            v = u.mT @ difference
-            residual = torch.baddbmm(weights, u, v, alpha=-1.0, out=buffer)
-        else:
-            residual = buffer.copy_(weights)
-        for b, project in enumerate(projectors):
-            torch.mul(residual[b], project(residual[b].abs()), out=sparse[b])
+        if v.shape[1] > 0:
+            u, v = _low_rank(weights, sparse, v, columns, buffer)
+        _project(_residual(weights, u, v, buffer), projectors, sparse)
         if callback is not None:
             callback(sparse, u, v)
+    if approximate:
+        sparse = sparse.add_(weights).sub_(buffer) if iterations else sparse.baddbmm_(u, v)
     return sparse, u, v
+
+
+def solve_many(
+    weights: torch.Tensor,
+    ranks: list[list[int]],
+    projectors: list[list],
+    iterations: list[int],
+    *,
+    sparse: torch.Tensor | None = None,
+    init_v: list[torch.Tensor | None] | None = None,
+    seed: int = 0,
+    approximate: list[bool] | None = None,
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """:func:`solve` of the same stack for several targets t (``ranks[t]``, ``projectors[t]``,
+    ``iterations[t]`` >= 1) from the same warm start, the first iteration's subspace step done once:
+    at the widest rank of each matrix, V_0's leading rows are every target's V_0 (the warm start's
+    rows, then the same Gaussian rows), so each target's Q is the leading columns of the one QR,
+    and its residual W - U_t V_t is the widest one plus the few columns it drops. Equal to
+    ``[solve(weights, ranks[t], ..., approximate=approximate[t]) for t]`` up to round-off (tested)."""
+    init_v = [None] * weights.shape[0] if init_v is None else init_v
+    approximate = [False] * len(ranks) if approximate is None else approximate
+    start = weights.new_zeros(weights.shape) if sparse is None else sparse.to(weights)
+    widest = [max(column) for column in zip(*ranks)]
+    v = _row_spaces(weights, widest, init_v, seed)
+    buffer = torch.empty_like(weights)
+    widest_columns = _columns(widest, v.shape[1], weights)
+    if v.shape[1] > 0:
+        u, v = _low_rank(weights, start, v, widest_columns, buffer)
+    else:
+        u = weights.new_zeros(weights.shape[0], weights.shape[1], 0)
+    widest_residual = _residual(weights, u, v, torch.empty_like(weights))
+    results = []
+    for target_ranks, target_projectors, count, finish in zip(ranks, projectors, iterations, approximate):
+        width = max(target_ranks, default=0)
+        columns = _columns(target_ranks, width, weights)
+        u_t, v_t = u[:, :, :width] * columns, v[:, :width] * columns.mT
+        # W - U_t V_t = (W - U V) + the columns of U V that target t drops (a thin product)
+        low, high = min(target_ranks, default=0), v.shape[1]
+        dropped = (widest_columns - _columns(target_ranks, high, weights))[:, :, low:high]
+        residual = torch.baddbmm(widest_residual, u[:, :, low:high] * dropped, v[:, low:high], out=buffer)
+        sparse_t = _project(residual, target_projectors, torch.empty_like(weights))
+        if count > 1:
+            rows = [v_t[b, :rank] for b, rank in enumerate(target_ranks)]
+            sparse_t, u_t, v_t = solve(
+                weights, target_ranks, target_projectors, count - 1, sparse=sparse_t, init_v=rows, seed=seed, approximate=finish
+            )
+        elif finish:
+            sparse_t = sparse_t.add_(weights).sub_(residual)
+        results.append((sparse_t, u_t, v_t))
+    return results
 
 
 def decompose(

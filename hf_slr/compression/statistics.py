@@ -39,19 +39,20 @@ def allocation_statistics(
 
 
 def _lm_loss(model: nn.Module, linears: dict[str, nn.Linear], input_ids: torch.LongTensor):
-    """``loss(W_hat, rows)``: the causal-LM loss of ``model`` on ``input_ids[rows]`` with the weights
-    of the named Linears temporarily replaced by ``W_hat`` (the dense ones are restored after)."""
+    """``loss(W_hat, rows, tokens=None)``: the causal-LM loss of ``model`` on ``input_ids[rows]`` (their
+    first ``tokens`` tokens; None: all) with the weights of the named Linears temporarily replaced
+    by ``W_hat`` (the dense ones are restored after)."""
     if any(linear.weight.device.type == "meta" for linear in linears.values()):
         raise ValueError("`allocation`='learned' needs the target weights in memory; it does not support offloaded models")
     device = execution_device(model.get_input_embeddings())
 
     @torch.no_grad()
-    def loss(approximations: dict[str, torch.Tensor], rows: torch.LongTensor) -> float:
+    def loss(approximations: dict[str, torch.Tensor], rows: torch.LongTensor, tokens: int | None = None) -> float:
         dense = {}
         try:
             for name, weight in approximations.items():
                 dense[name] = swap_projection_weight(linears[name], weight)
-            batch = input_ids[rows].to(device)
+            batch = input_ids[rows][:, :tokens].to(device)
             total = sum(
                 float(model(input_ids=batch[part], labels=batch[part], use_cache=False).loss) * len(batch[part])
                 for part in row_batches(len(batch))
