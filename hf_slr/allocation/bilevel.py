@@ -182,9 +182,9 @@ class LearnedHyperparameters:
     xi_warmup: float = hyperparameter(0.1, low=0.0, high=1.0, doc="share of the steps at gamma0")
     xi_anneal: float = hyperparameter(0.8, low=0.0, high=1.0, doc="share of the steps after which gamma is gamma_target")
     pairs: int = hyperparameter(1, low=1, doc="sample pairs per step (the gradient is their mean)")
-    antithetic: bool = hyperparameter(True, doc="x' = 2 mu - x (mirrored) instead of an independent draw")
+    antithetic: bool = hyperparameter(False, doc="x' = 2 mu - x (mirrored) instead of an independent draw")
     baseline: str = hyperparameter(
-        "pair", choices=("pair", "moving_average"), doc="without antithetic: the pair's other sample or a moving average of past losses"
+        "moving_average", choices=("pair", "moving_average"), doc="without antithetic: the pair's other sample or a moving average of past losses"
     )
     baseline_decay: float = hyperparameter(0.9, low=0.0, high=1.0, high_open=True, doc="decay of the moving-average baseline")
     inner_iterations: int = hyperparameter(1, low=1, doc="QR-RPCA iterations per sample, from the solution at mu")
@@ -218,8 +218,8 @@ def learn_allocation(
     xi_warmup: float = 0.1,
     xi_anneal: float = 0.8,
     pairs: int = 1,
-    antithetic: bool = True,
-    baseline: str = "pair",
+    antithetic: bool = False,
+    baseline: str = "moving_average",
     baseline_decay: float = 0.9,
     inner_iterations: int = 1,
     center_iterations: int = 1,
