@@ -171,7 +171,7 @@ class LearnedHyperparameters:
     """``allocation_kwargs`` of ``allocation="learned"`` (000 Tables 6-7, ``steps`` and ``batch_size``
     scaled down for 2 CPU cores; the step's cost and the estimator's variance: docs/allocation.md)."""
 
-    steps: int = hyperparameter(8, low=1, doc="outer AdamW steps")
+    steps: int = hyperparameter(200, low=1, doc="outer AdamW steps (200: ~30-45 min for SmolLM2 on one CPU core)")
     batch_size: int = hyperparameter(4, low=1, doc="calibration rows of the batch B of one step")
     batch_tokens: int | None = hyperparameter(64, low=2, doc="tokens of each row of B (its first ones; None: the whole row)")
     fixed_batch: bool = hyperparameter(True, doc="the same B every step (common random numbers) or a new one per step")
@@ -207,7 +207,7 @@ def learn_allocation(
     loss: Loss,
     n_rows: int,
     *,
-    steps: int = 8,
+    steps: int = 200,
     batch_size: int = 4,
     batch_tokens: int | None = 64,
     fixed_batch: bool = True,
