@@ -422,6 +422,9 @@ def test_learned_allocation_runs_every_estimator_on_a_synthetic_loss(kwargs):
     assert float(learned.layer_sparsity.mean()) == pytest.approx(0.5, abs=1e-12)
     assert bool((learned.rank_ratio >= 0).all() and (learned.rank_ratio <= 1).all())
     pairs = kwargs.get("pairs", 1)
-    assert len(seen) == 4 * 2 * pairs
+    assert len(seen) == 4 * 2 * pairs + 3  # + the uniform, OWL and learned reference losses
+    assert set(learned.reference_losses) == {"uniform", "owl", "learned"}
+    assert all(0 < value < float("inf") for value in learned.reference_losses.values())
+    assert seen[-1] == seen[-4]  # the references are scored on the last step's batch
     if kwargs.get("fixed_batch", True):
         assert len({tuple(rows) for rows, _ in seen}) == 1 and seen[0][1] == 64

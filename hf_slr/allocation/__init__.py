@@ -71,7 +71,7 @@ def module_targets(
     groups = [group for group in groups if group]
     rho = request.effective_compression_ratio
     hyperparameters = hyperparameter_values(check_kwargs(request.allocation, request.allocation_kwargs))
-    loss_curve = []
+    loss_curve, reference_losses = [], {}
     names = [name for group in groups for name in group]
     if request.rank_ratio is not None:
         kappas = [float(request.rank_ratio)] * len(names)
@@ -86,6 +86,7 @@ def module_targets(
         initial_kappa = sum(kappas) / len(kappas)
         learned = learn_allocation(weights, norms, groups, rho, initial_kappa, loss, n_rows, **hyperparameters)
         sparsity, rank_ratio, loss_curve = learned.layer_sparsity, learned.rank_ratio, learned.loss_curve
+        reference_losses = learned.reference_losses
     targets = allocate(shapes, groups, sparsity, rank_ratio, total=kept_total(shapes, rho))
     layer_of = {name: index for index, group in enumerate(groups) for name in group}
     report = {
@@ -94,6 +95,7 @@ def module_targets(
         "layer_sparsity": sparsity.tolist(),
         "modules": {name: {"layer": layer_of[name], "rank_ratio": kappa} for name, kappa in zip(names, rank_ratio.tolist())},
         "loss_curve": loss_curve,
+        "reference_losses": reference_losses,
         "seconds": time.perf_counter() - start,
     }
     return targets, report

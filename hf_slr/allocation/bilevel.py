@@ -159,11 +159,13 @@ def sample_losses(
 @dataclass
 class LearnedAllocation:
     """The final mu: sparsity per layer [L], rank ratio per matrix [N] (``groups`` order), float64,
-    and the mean of the sample losses per outer step."""
+    the mean of the sample losses per outer step, and ``reference_losses``: L_B of the uniform, OWL
+    and final learned allocations on the same batch, each solved from the final centre."""
 
     layer_sparsity: torch.Tensor
     rank_ratio: torch.Tensor
     loss_curve: list[float] = field(default_factory=list)
+    reference_losses: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -279,4 +281,14 @@ def learn_allocation(
         curve.append(float(losses.mean()))
         progress.set_postfix(loss=f"{curve[-1]:.4f}", gamma=f"{gamma:.4f}")
     final = mu.detach().clone()
-    return LearnedAllocation(final[:n_layers], final[n_layers:], curve)
+    kappa = torch.full((len(names),), float(rank_ratio), dtype=torch.float64)
+    references = {
+        "uniform": (torch.full((n_layers,), float(compression_ratio), dtype=torch.float64), kappa),
+        "owl": (owl_sparsity(weights, norms, groups, compression_ratio), kappa),
+        "learned": (final[:n_layers], final[n_layers:]),
+    }
+    reference_losses = {}
+    for label, (sparsity, ratios) in references.items():  # the horizontal lines of the allocation plot
+        approximations = solver.approximations(allocate(shapes, groups, sparsity, ratios), initial_iterations, seed)
+        reference_losses[label] = float(loss(approximations, rows, batch_tokens))
+    return LearnedAllocation(final[:n_layers], final[n_layers:], curve, reference_losses)

@@ -1,4 +1,5 @@
-"""A PNG of an allocation report: sparsity per layer, rank ratio per matrix type, outer-loop loss."""
+"""A PNG of an allocation report: sparsity per layer, rank ratio per matrix type, outer-loop loss with
+the uniform, OWL and learned allocations' losses on the same batch as horizontal lines."""
 
 from __future__ import annotations
 
@@ -40,8 +41,12 @@ def plot_allocation(report: dict, path: str | os.PathLike) -> None:
 
     curve = report["loss_curve"]
     if curve:
-        loss_axes.plot(range(1, len(curve) + 1), curve, marker="o", markersize=3)
-        loss_axes.set(xlabel="outer step", ylabel="calibration LM loss (mean of the 2 samples)")
+        loss_axes.plot(range(1, len(curve) + 1), curve, marker="o", markersize=3, label="samples (mean per step)")
+        styles = {"uniform": "tab:gray", "owl": "tab:green", "learned": "tab:red"}
+        for label, value in report.get("reference_losses", {}).items():
+            loss_axes.axhline(value, color=styles.get(label, "black"), linestyle="--", label=f"{label}: {value:.4f}")
+        loss_axes.set(xlabel="outer step", ylabel="calibration LM loss on the step's batch")
+        loss_axes.legend()
     else:
         loss_axes.text(0.5, 0.5, "no outer loop", ha="center", va="center", transform=loss_axes.transAxes)
     loss_axes.set(title=f"outer loop ({report['seconds']:.0f} s)")
