@@ -129,25 +129,34 @@ def after(method: str, mode: str, args) -> dict:
 def _row(runs: dict, name: str) -> str:
     record = runs.get(name)
     if record is None:
-        return " - | - | - |"
+        return " - | - |"
     acc = " / ".join(f"{record['acc'].get(task, float('nan')):.3f}" for task in TASKS) if record["acc"] else "-"
     return f" {record['ppl']:.2f} | {acc} |"
 
 
 def table(args) -> str:
+    """Markdown table of the finished runs: quality before / after, trainable parameters, training curve."""
     runs = {path.stem: json.loads(path.read_text()) for path in Path(args.out).glob("*.json")}
     lines = [
-        f"| method | stage | {args.ppl_dataset} ppl | PIQA / ARC-e acc | first / last 10-step mean loss | max grad norm |",
-        "|---|---|---|---|---|---|",
+        f"| method | stage | {args.ppl_dataset} ppl | PIQA / ARC-e acc | trainable params | first-step grad norm "
+        "| max grad norm | first / last 10-step mean loss | train s | eval s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for method in args.methods:
-        lines.append(f"| {method} | compressed |{_row(runs, f'{method}-before')} - | - |")
+        record = runs.get(f"{method}-before", {})
+        seconds = f"{record['eval_seconds']:.0f}" if record else "-"
+        lines.append(f"| {method} | compressed |{_row(runs, f'{method}-before')} - | - | - | - | - | {seconds} |")
         for mode in args.modes:
             record = runs.get(f"{method}-{mode}", {})
             losses, norms = record.get("losses", []), [n for n in record.get("grad_norms", []) if n is not None]
             curve = f"{sum(losses[:10]) / 10:.3f} / {sum(losses[-10:]) / 10:.3f}" if len(losses) >= 10 else "-"
-            peak = f"{max(norms):.1f}" if norms else "-"
-            lines.append(f"| {method} | + LoRA {mode} |{_row(runs, f'{method}-{mode}')} {curve} | {peak} |")
+            first, peak = (f"{norms[0]:.2f}", f"{max(norms):.1f}") if norms else ("-", "-")
+            params = f"{record['trainable_params'] / 1e6:.2f} M" if record else "-"
+            seconds = " | ".join(f"{record[key]:.0f}" if record else "-" for key in ("train_seconds", "eval_seconds"))
+            lines.append(
+                f"| {method} | + LoRA {mode} |{_row(runs, f'{method}-{mode}')} {params} | {first} | {peak} | {curve} "
+                f"| {seconds} |"
+            )
     return "\n".join(lines)
 
 
