@@ -62,12 +62,13 @@ SUITES = {
     # Issue 16: why SSLC lost to Wanda. One change per row from the former default (whole-matrix
     # threshold, kappa 0.25 = 12.5% of the parameters in U V) to the paper's reading (per-row, r = 18).
     "sslc_ablation": [
-        ("sslc-matrix-k0.25", {"method": "sslc", **FIXED_RATIO, "method_kwargs": {"scope": "matrix"}}),
-        ("sslc-row-k0.25", {"method": "sslc", **FIXED_RATIO, "method_kwargs": {"scope": "row"}}),
-        ("sslc-matrix-paper", {"method": "sslc", "compression_ratio": 0.5, "method_kwargs": {"scope": "matrix"}}),
-        ("sslc-row-paper", {"method": "sslc", "compression_ratio": 0.5, "method_kwargs": {"scope": "row"}}),
+        ("sslc-matrix-k0.25", {"method": "sslc", **FIXED_RATIO, "method_kwargs": {"scope": "matrix", "preserve": "values"}}),
+        ("sslc-row-k0.25", {"method": "sslc", **FIXED_RATIO, "method_kwargs": {"scope": "row", "preserve": "values"}}),
+        ("sslc-matrix-paper", {"method": "sslc", "compression_ratio": 0.5, "method_kwargs": {"scope": "matrix", "preserve": "values"}}),
+        ("sslc-row-paper", {"method": "sslc", "compression_ratio": 0.5, "method_kwargs": {"scope": "row", "preserve": "values"}}),
         ("sslc-row-paper-nopreserve", {"method": "sslc", "compression_ratio": 0.5, "method_kwargs": {"scope": "row", "preserve_fraction": 0.0}}),
-        ("sslc-row-paper-T10", {"method": "sslc", "compression_ratio": 0.5, "method_kwargs": {"scope": "row", "iterations": 10}}),
+        ("sslc-row-paper-support", {"method": "sslc", "compression_ratio": 0.5}),  # the defaults
+        ("sslc-row-paper-T10", {"method": "sslc", "compression_ratio": 0.5, "method_kwargs": {"iterations": 10}}),
     ],
     # Issue 16: every method at 50% of the projection parameters with its own defaults (paper split,
     # paper iterations, TM at 002's schedule): `--compression-ratio 0.5` and nothing else.

@@ -31,21 +31,25 @@ def scaled_alternating_minimization(
     low_rank_step: LowRankStep,
     scope: str,
     preserved: torch.Tensor | None = None,
+    preserve_values: bool = False,
     record_history: bool = True,
 ) -> Decomposition:
     """Run ``iterations`` (>= 1) alternations (L step, then S step) and return unscaled (S, U, V),
     with the relative objective after every alternation when ``record_history``.
 
-    ``preserved`` (bool [out, in], a subset of a feasible mask) marks weights kept as they are in S and
-    excluded from the decomposition (001 §4.2.3): the alternation fits W with them zeroed, and the
-    sparse step always keeps them in its support, so S ends up in the sparsity set exactly.
+    ``preserved`` (bool [out, in], a subset of a feasible mask) marks weights excluded from the
+    decomposition (001 §4.2.3): they are taken out of W before the first L step, and the sparse
+    step always keeps them in its support, so S ends up in the sparsity set exactly. There S holds
+    the residual W - L (the default: the weights are reproduced exactly and L is free there) or,
+    with ``preserve_values``, W itself (the literal reading: L is pulled to 0 there).
     With ``target.rank == 0`` one iteration is the fixed point.
     """
     weight, hessian = weight.float(), hessian.float()
     scale = input_norms(hessian)
-    kept_as_is = torch.zeros_like(weight) if preserved is None else weight * preserved
+    kept_as_is = weight * preserved if preserved is not None and preserve_values else torch.zeros_like(weight)
     scaled = (weight - kept_as_is) * scale
-    sparse = torch.zeros_like(scaled)
+    sparse = scaled * preserved if preserved is not None and not preserve_values else torch.zeros_like(scaled)
+    keep_residual = None if preserved is None or not preserve_values else ~preserved
     project = SupportProjector(target, scope)  # the sparsity_mask sets, without a sort per iteration
     v, history = None, []
     for _ in range(iterations if target.rank > 0 else 1):
@@ -53,7 +57,7 @@ def scaled_alternating_minimization(
         residual = scaled - u @ v
         scores = residual.abs()
         keep = project(scores if preserved is None else scores.masked_fill(preserved, torch.inf))
-        sparse = residual * (keep if preserved is None else keep & ~preserved)
+        sparse = residual * (keep if keep_residual is None else keep & keep_residual)
         if record_history:
             history.append(relative_objective(weight, kept_as_is + sparse / scale, u, v / scale, hessian))
     return Decomposition(kept_as_is + sparse / scale, u, v / scale, tuple(history))

@@ -204,17 +204,26 @@ def test_oats_matches_reference_and_history():
 
 
 @pytest.mark.parametrize("scope", ["row", "matrix"])
-def test_sslc_preserves_top_salient_weights(scope):
+@pytest.mark.parametrize("preserve", ["support", "values"])
+def test_sslc_preserves_top_salient_weights(scope, preserve):
+    """The preserved weights are in S's support and reproduced exactly by S + U V ("support"), or
+    S holds them as they are ("values")."""
     weight, hessian = _layer(rows=20, cols=40, seed=6)
     target = Target(rank=4, sparsity=0.5)
-    sparse, _, _ = get("sslc").run(weight, hessian, target, {"iterations": 3, "scope": scope})
+    sparse, u, v = get("sslc").run(weight, hessian, target, {"iterations": 3, "scope": scope, "preserve": preserve})
     salience = (weight * hessian.diagonal().sqrt()).abs()
     if scope == "matrix":  # 1% of 800 weights: the 8 most salient of the matrix
-        top = salience.flatten().argsort(descending=True)[:8]
-        torch.testing.assert_close(sparse.flatten()[top], weight.flatten()[top])
+        top = torch.zeros(weight.numel(), dtype=torch.bool)
+        top[salience.flatten().argsort(descending=True)[:8]] = True
+        top = top.view_as(weight)
     else:  # 1% of a 40-wide row keeps its most salient weight
-        top = salience.argmax(dim=1, keepdim=True)
-        torch.testing.assert_close(sparse.gather(1, top), weight.gather(1, top))
+        top = torch.zeros_like(weight, dtype=torch.bool).scatter_(1, salience.argmax(dim=1, keepdim=True), True)
+    assert bool((sparse[top] != 0).all())
+    if preserve == "support":
+        torch.testing.assert_close((sparse + u @ v)[top], weight[top], rtol=1e-4, atol=1e-5)
+        assert not torch.allclose(sparse[top], weight[top])  # L is free there
+    else:
+        torch.testing.assert_close(sparse[top], weight[top])
 
 
 def test_activation_svd_is_diagonal_weighted_optimum():
