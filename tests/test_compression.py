@@ -137,8 +137,7 @@ def test_compress_on_load_then_save_and_reload_gives_identical_logits(arch, meth
     assert len(model.slr_report["blocks"]) == model.config.num_hidden_layers
     for layer in layers.values():
         assert layer.rank == (2 if method == "oats" else 0) and layer.nnz == layer.in_features * layer.out_features // 2
-    if method == "oats":
-        assert all(len(entry["history"]) == 3 for entry in model.slr_report["modules"])
+    assert all(set(entry) == {"module", "relative_objective", "seconds"} for entry in model.slr_report["modules"])
     hf_slr.save_pretrained(model, tmp_path / "compressed", tokenizer=tokenizer)
     card = (tmp_path / "compressed" / "README.md").read_text()
     assert f"| calibration | texts@sha256:" in card and f"({len(TEXTS)} documents), {N_SAMPLES} x {SEQ_LEN} tokens, seed 0 |" in card

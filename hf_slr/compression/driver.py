@@ -41,7 +41,12 @@ def _decompose(name: str, linear: nn.Linear, hessian: torch.Tensor | None, targe
     start = time.perf_counter()
     weight = projection_weight(linear).detach().float()
     try:
-        result = plan.algorithm.run(weight, hessian if plan.algorithm.needs_hessian else None, target, plan.method_hyperparameters)
+        # No per-iteration objective: it costs an [out, in] x [in, in] product per iteration (about a
+        # third of an SSLC / OATS layer); the final one is in the entry, convergence curves come from
+        # the algorithms themselves (benchmarks/layerwise_objective.py).
+        result = plan.algorithm.run(
+            weight, hessian if plan.algorithm.needs_hessian else None, target, plan.method_hyperparameters, record_history=False
+        )
         if not all(bool(torch.isfinite(t).all()) for t in result):
             raise ValueError("the result holds NaN or inf values")
     except (ValueError, RuntimeError) as error:
@@ -54,8 +59,6 @@ def _decompose(name: str, linear: nn.Linear, hessian: torch.Tensor | None, targe
         "relative_objective": relative_objective(weight, result.sparse, result.u, result.v, hessian),
         "seconds": time.perf_counter() - start,
     }
-    if result.history:
-        entry["history"] = list(result.history)
     return layer, entry
 
 
@@ -133,8 +136,7 @@ def compress_block(
 def run(model: nn.Module, plan: CompressionPlan) -> dict:
     """Compress ``model`` in place by ``plan``, block by block; returns the report ``{"modules": [...],
     "blocks": [...]}``: per module its relative objective ||X(W - S - U V)||_F^2 / ||X W||_F^2 (H = I
-    when data-free), seconds and, for iterative methods, the objective per iteration (``history``);
-    per block see :func:`compress_block`. With a non-uniform allocation the targets come from it
+    when data-free) and seconds; per block see :func:`compress_block`. With a non-uniform allocation the targets come from it
     (computed on the dense model before the first block is compressed) and ``"allocation"`` holds
     its report."""
     _, blocks = decoder_blocks(model)
