@@ -1,7 +1,7 @@
 """The main job: compress the real SmolLM2-135M to sparse plus low-rank and report its quality.
 
-    python examples/compress_and_eval.py                       # SSLC at 50% of the parameters (~6-9 min on 2 cores)
-    python examples/compress_and_eval.py --baseline wanda      # + Wanda pruning at the same budget (+3 min)
+    python examples/compress_and_eval.py                       # SSLC at 50% of the parameters (docs/results.md: 14 min, 2 busy cores)
+    python examples/compress_and_eval.py --baseline wanda      # + Wanda pruning at the same budget, measured side by side
     python examples/compress_and_eval.py --method threebasil --compression-ratio 0.5
 
 Loads the dense model (``hf_slr.testing.demo_model_path()`` unless ``--model``), compresses it on
