@@ -46,10 +46,12 @@ def scaled_alternating_minimization(
     """
     weight, hessian = weight.float(), hessian.float()
     scale = input_norms(hessian)
-    kept_as_is = weight * preserved if preserved is not None and preserve_values else torch.zeros_like(weight)
+    kept_as_is, free = torch.zeros_like(weight), None  # free: where S may take the residual (None: everywhere)
+    if preserved is not None and preserve_values:
+        kept_as_is, free = weight * preserved, ~preserved
     scaled = (weight - kept_as_is) * scale
+    # "support": the preserved weights start in S, so the first L step fits W without them.
     sparse = scaled * preserved if preserved is not None and not preserve_values else torch.zeros_like(scaled)
-    keep_residual = None if preserved is None or not preserve_values else ~preserved
     project = SupportProjector(target, scope)  # the sparsity_mask sets, without a sort per iteration
     v, history = None, []
     for _ in range(iterations if target.rank > 0 else 1):
@@ -57,7 +59,7 @@ def scaled_alternating_minimization(
         residual = scaled - u @ v
         scores = residual.abs()
         keep = project(scores if preserved is None else scores.masked_fill(preserved, torch.inf))
-        sparse = residual * (keep if keep_residual is None else keep & keep_residual)
+        sparse = residual * (keep if free is None else keep & free)
         if record_history:
             history.append(relative_objective(weight, kept_as_is + sparse / scale, u, v / scale, hessian))
     return Decomposition(kept_as_is + sparse / scale, u, v / scale, tuple(history))

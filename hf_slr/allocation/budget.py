@@ -40,10 +40,10 @@ def uniform_target(out_features: int, in_features: int, request) -> Target:
     m) so that per-row and per-matrix sparse steps both keep exactly nnz(S).
     """
     nm_pattern, sparsity = request.nm_pattern, request.sparsity_fraction
-    low_rank = get_algorithm(request.method).low_rank
+    algorithm = get_algorithm(request.method)
     numel, fan = out_features * in_features, out_features + in_features
     if request.compression_ratio is None:
-        rank = (DEFAULT_RANK if low_rank else 0) if request.rank is None else request.rank
+        rank = (DEFAULT_RANK if algorithm.low_rank else 0) if request.rank is None else request.rank
         return Target(rank=rank, sparsity=DEFAULT_SPARSITY if sparsity is None else sparsity, nm_pattern=nm_pattern)
     kept = 1.0 - request.compression_ratio
     if nm_pattern is not None:
@@ -54,9 +54,9 @@ def uniform_target(out_features: int, in_features: int, request) -> Target:
         nnz = int(math.floor((1.0 - kappa) * kept * numel))
         rank = int(math.floor(kappa * kept * numel / fan))
     else:
-        kappa = default_rank_ratio(out_features, in_features, request)
+        kappa = algorithm.split.rank_ratio(out_features, in_features, kept)
         rank = min(int(math.floor(kappa * kept * numel / fan + 1e-9)), out_features, in_features)
-        nnz = max(0, int(math.floor(kept * numel)) - rank * fan) if get_algorithm(request.method).sparse else 0
+        nnz = max(0, int(math.floor(kept * numel)) - rank * fan) if algorithm.sparse else 0
         nnz -= nnz % out_features  # whole rows: a per-row scope keeps nnz exactly, never more than the budget
     return Target(rank=rank, sparsity=(numel - nnz) / numel)
 

@@ -41,9 +41,8 @@ def _decompose(name: str, linear: nn.Linear, hessian: torch.Tensor | None, targe
     start = time.perf_counter()
     weight = projection_weight(linear).detach().float()
     try:
-        # No per-iteration objective: it costs an [out, in] x [in, in] product per iteration (about a
-        # third of an SSLC / OATS layer); the final one is in the entry, convergence curves come from
-        # the algorithms themselves (benchmarks/layerwise_objective.py).
+        # No per-iteration objective: it costs an [out, in] x [in, in] product per iteration; the final
+        # one is in the entry, convergence curves come from benchmarks/layerwise_objective.py.
         result = plan.algorithm.run(
             weight, hessian if plan.algorithm.needs_hessian else None, target, plan.method_hyperparameters, record_history=False
         )
