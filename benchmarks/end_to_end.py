@@ -86,7 +86,9 @@ SUITES = {
         (f"qr_rpca-cr{ratio}-{allocation}", {"method": "qr_rpca", "compression_ratio": ratio, "rank_ratio": 0.25, "allocation": allocation})
         for ratio in (0.5, 0.4)
         for allocation in ("uniform", "owl", "learned")
-    ],
+    ]
+    # issue 18: the allocation learned with QR-RPCA inside, 3BASiL as the final solver
+    + [("threebasil-cr0.5-learned", {"method": "threebasil", **FIXED_RATIO, "allocation": "learned"})],
 }
 # Everything above, most informative first: the order the tables of docs/results.md were run in
 # (two processes on 2 cores).

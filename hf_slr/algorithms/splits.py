@@ -4,9 +4,10 @@ With only ``compression_ratio`` rho set, an [m, n] matrix keeps (1 - rho) m n pa
 method's own split decides how many go to U V. Two rules appear in the seed papers:
 
 - :class:`RankRatio` kappa: r = floor(kappa (1 - rho) m n / (m + n)) (OATS; HASSLE-free 004 App. A.3
-  uses kappa = 0.3, "default value in OATS for the Llama3-8B model");
+  uses kappa = 0.3, "default value in OATS for the Llama3-8B model"; 3BASiL 002 Table 3 at p = 0.5
+  is best with 3:8 + LR, kappa = 0.25);
 - :class:`ScaledRank`: a fixed rank at the paper's width, r = rank min(m, n) / width (SSLC 001
-  App. E.1: r = 128 at 4096; 3BASiL 002: "+64LR" at 4096), whatever rho.
+  App. E.1: r = 128 at 4096), whatever rho.
 
 Either is expressed as kappa_i, the share of matrix i's kept parameters spent on U V, which is what
 the budget code (``hf_slr.allocation.budget``) consumes. Pure arithmetic.

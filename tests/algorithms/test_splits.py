@@ -41,13 +41,15 @@ def test_compression_ratio_alone_keeps_exactly_the_budget_with_the_papers_split(
 
 def test_papers_splits_on_their_own_layers():
     """SSLC: r = 128 on LLaMA-2-7B's 4096 x 4096 at 50% (001 App. E.1); 18 on SmolLM2's 576-wide layers;
-    3BASiL 64 at 4096 (002); OATS / HASSLE-free kappa 0.3 (004 App. A.3)."""
+    3BASiL: the U V of 002 Table 3's 3:8 + LR at p = 0.5, 1/8 of the matrix; OATS / HASSLE-free
+    kappa 0.3 (004 App. A.3)."""
     def rank(method, m, n):
         return uniform_target(m, n, SLRConfig(method=method, compression_ratio=0.5)).rank
 
     assert rank("sslc", 4096, 4096) == 128 and rank("sslc", 4096, 11008) == 128
     assert rank("sslc", 576, 576) == 18 and rank("sslc", 192, 576) == 6
-    assert rank("threebasil", 4096, 4096) == 64 and rank("threebasil", 576, 1536) == 9
+    lr_of_3_8 = (0.5 - 3 / 8) * 4096 * 4096 / (4096 + 4096)  # r (m + n) = (p - 3/8) m n
+    assert rank("threebasil", 4096, 4096) == lr_of_3_8 == 256 and rank("threebasil", 576, 576) == 36
     assert rank("hassle_free", 4096, 4096) == math.floor(0.3 * 0.5 * 4096 * 4096 / 8192) == 307
     assert rank("oats", 4096, 4096) == 307
 
