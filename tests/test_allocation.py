@@ -325,8 +325,8 @@ def test_every_hyperparameter_is_validated_and_the_cli_passes_them():
 FAST_LEARNED = {"steps": 3, "batch_size": 2, "inner_iterations": 2}
 
 
-def _compress(method, allocation, tokenizer, method_kwargs=None, **kwargs):
-    model = tiny_model("llama", layers=3)
+def _compress(method, allocation, tokenizer, method_kwargs=None, device="cpu", **kwargs):
+    model = tiny_model("llama", layers=3).to(device)
     config = SLRConfig(
         method=method,
         compression_ratio=0.5,
@@ -375,6 +375,16 @@ def test_allocation_meets_the_budget_exactly_saves_its_plot_and_reloads(
     ids = calibration_ids(TEXTS, tokenizer, 2, 16, seed=7)
     with torch.no_grad():
         assert torch.equal(model(ids).logits, reloaded(ids).logits)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_learned_allocation_runs_on_the_gpu_and_meets_the_budget(tokenizer):
+    """The GPU path of the outer loop: the model on CUDA, every solve and L_B forward there."""
+    model = _compress("qr_rpca", "learned", tokenizer, {"iterations": 3}, device="cuda", allocation_kwargs=FAST_LEARNED)
+    kept, budget = _kept(model)
+    assert kept == budget
+    assert all(p.device.type == "cuda" for p in model.parameters())
+    assert len(model.slr_report["allocation"]["loss_curve"]) == FAST_LEARNED["steps"]
 
 
 def test_learned_allocation_restores_the_dense_weights_before_compressing(tokenizer):
