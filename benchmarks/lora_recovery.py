@@ -31,10 +31,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import hf_slr
 from hf_slr.eval import evaluate_zeroshot, perplexity
-from hf_slr.peft import MODES, get_slr_peft_model, recovery_trainer
+from hf_slr.peft import MODES, get_slr_peft_model, recovery_trainer, text_dataset
 from hf_slr.testing import demo_model_path
 
-# Capped so that each compression takes minutes on 2 shared CPU cores (see docs/results.md).
+# Capped so that each compression takes minutes on 2 shared CPU cores (see docs/results.md);
+# ``--uncapped`` compresses with each method's own defaults instead.
 METHODS = {
     "magnitude_svd": {},
     "hassle_free": {"iterations": 10},
@@ -52,7 +53,11 @@ def compressed_checkpoint(method: str, args) -> Path:
     if (folder / "config.json").exists():
         return folder
     config = hf_slr.SLRConfig(
-        method=method, **BUDGET, n_samples=args.n_samples, seq_len=args.calib_len, method_kwargs=METHODS[method]
+        method=method,
+        **BUDGET,
+        n_samples=args.n_samples,
+        seq_len=args.calib_len,
+        method_kwargs={} if args.uncapped else METHODS[method],
     )
     start = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(demo_model_path(), quantization_config=config, dtype=torch.float32)
@@ -72,6 +77,11 @@ def evaluate(model, tokenizer, args) -> dict:
     return {"ppl": ppl, "ppl_dataset": args.ppl_dataset, "acc": accuracy, "eval_seconds": time.perf_counter() - start}
 
 
+def c4_segments(tokenizer, args):
+    """One epoch of C4 training segments (002 §4.2's fine-tuning text), drawn apart from the calibration's."""
+    return text_dataset(tokenizer, "c4", n_samples=args.steps * args.batch_size, seq_len=args.seq_len, seed=1 + args.seed)
+
+
 def finetune(model, tokenizer, mode: str, args) -> tuple[torch.nn.Module, dict]:
     """LoRA with the library defaults; the merged model and the per-step log."""
     peft_model = get_slr_peft_model(model, lora_alpha=args.lora_alpha, mode=mode, task_type="CAUSAL_LM")
@@ -84,6 +94,7 @@ def finetune(model, tokenizer, mode: str, args) -> tuple[torch.nn.Module, dict]:
         per_device_train_batch_size=args.batch_size,
         logging_steps=1,
         seed=args.seed,
+        train_dataset=None if args.train_data == "alpaca" else c4_segments(tokenizer, args),
         **({"learning_rate": args.lr} if args.lr else {}),
     )
     start = time.perf_counter()
@@ -92,6 +103,7 @@ def finetune(model, tokenizer, mode: str, args) -> tuple[torch.nn.Module, dict]:
     record = {
         "trainable_params": sum(p.numel() for p in peft_model.parameters() if p.requires_grad),
         "learning_rate": trainer.args.learning_rate,
+        "train_data": args.train_data,
         "lora_alpha": peft_model.peft_config["default"].lora_alpha,
         "train_seconds": time.perf_counter() - start,
         "losses": [entry["loss"] for entry in log],
@@ -191,6 +203,9 @@ def main(argv=None):
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--checkpoints", default="/tmp/hf_slr_lora_recovery", help="compressed checkpoints")
     parser.add_argument("--out", default="outputs/lora_recovery")
+    parser.add_argument(
+        "--uncapped", action="store_true", help="compress with each method's own iteration defaults (slower)"
+    )
     parser.add_argument("--n-samples", type=int, default=16, help="calibration segments")
     parser.add_argument("--calib-len", type=int, default=256, help="calibration segment length")
     parser.add_argument("--steps", type=int, default=100)
@@ -199,6 +214,9 @@ def main(argv=None):
     parser.add_argument("--lr", type=float, help="default: hf_slr.peft.DEFAULT_LEARNING_RATE")
     parser.add_argument("--lora-alpha", type=float, help="default: get_slr_peft_model's")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--train-data", choices=("alpaca", "c4"), default="alpaca", help="c4: plain-text segments (002 §4.2)"
+    )
     parser.add_argument("--ppl-dataset", choices=("wikitext2", "c4"), default="wikitext2", help="c4: the validation sample")
     parser.add_argument("--eval-windows", type=int, default=20)
     parser.add_argument("--eval-seq-len", type=int, default=1024)

@@ -26,6 +26,7 @@ from torch import nn
 from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
 from .algorithms.lowrank import balance_factors
+from .calibration import calibration_ids
 from .integration import compressed_layers, matches
 from .modules import SLRLinear
 from .texts import data_file
@@ -301,8 +302,8 @@ def recovery_trainer(
     peft_model: PeftModel, tokenizer, output_dir, max_steps: int, *, seq_len: int = 256, train_dataset=None, **overrides
 ) -> Trainer:
     """A ``transformers.Trainer`` for LoRA recovery: :func:`recovery_training_arguments` (``overrides``
-    replace its fields), ``train_dataset`` (default: :func:`alpaca_dataset` at ``seq_len``) and a
-    collator that pads the labels with -100."""
+    replace its fields), ``train_dataset`` (default: :func:`alpaca_dataset` at ``seq_len``; or
+    :func:`text_dataset` for plain text) and a collator that pads the labels with -100."""
     return Trainer(
         model=peft_model,
         args=recovery_training_arguments(output_dir, max_steps, **overrides),
@@ -339,3 +340,15 @@ def alpaca_dataset(tokenizer, seq_len: int = 256, path=None) -> datasets.Dataset
 
     rows = datasets.load_dataset("json", data_files=str(path or data_file(ALPACA_FILE)), split="train")
     return rows.map(tokenize, remove_columns=rows.column_names)
+
+
+def text_dataset(tokenizer, dataset="c4", n_samples: int = 1000, seq_len: int = 256, seed: int = 1) -> datasets.Dataset:
+    """Plain-text recovery data, the language-modelling fine-tune of 002 §4.2 (C4 training text):
+    ``n_samples`` segments of ``seq_len`` tokens drawn as :func:`hf_slr.calibration.calibration_ids`
+    draws calibration segments (``dataset``: any source it takes), every token scored.
+
+    ``seed`` picks the draws; the default differs from the calibration's 0, so the fine-tuning
+    segments are not the calibration segments.
+    """
+    ids = calibration_ids(dataset, tokenizer, n_samples=n_samples, seq_len=seq_len, seed=seed).tolist()
+    return datasets.Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * seq_len] * n_samples, "labels": ids})

@@ -15,8 +15,9 @@ from hf_slr.peft import (
     get_slr_peft_model,
     load_slr_peft_model,
     recovery_training_arguments,
+    text_dataset,
 )
-from test_compression import TEXTS, tiny_model, tokenizer  # noqa: F401  (tokenizer: a fixture)
+from test_compression import TEXTS, WORDS, tiny_model, tokenizer  # noqa: F401  (tokenizer: a fixture)
 from tiny_models import tiny_config
 
 RANK = 4
@@ -264,3 +265,17 @@ def test_recovery_training_arguments_and_alpaca(tokenizer, tmp_path):
     assert len(rows) == 335 and all(len(row["input_ids"]) == len(row["labels"]) <= 48 for row in rows)
     assert all(row["labels"][0] == -100 for row in rows)  # the prompt is not scored
     assert any(label != -100 for row in rows for label in row["labels"])
+
+
+def test_text_dataset_scores_every_token_of_segments_other_than_the_calibration(tokenizer):
+    documents = [" ".join(WORDS[(i * 3 + j * 7) % len(WORDS)] for j in range(40 + i)) for i in range(20)]
+    rows = text_dataset(tokenizer, documents, n_samples=6, seq_len=32)
+    assert len(rows) == 6 and all(row["labels"] == row["input_ids"] and len(row["input_ids"]) == 32 for row in rows)
+    assert all(row["attention_mask"] == [1] * 32 for row in rows)
+    encoded = [tokenizer(text).input_ids for text in documents]
+    windows = {tuple(ids[i : i + 32]) for ids in encoded for i in range(len(ids) - 31)}
+    assert all(tuple(row["input_ids"]) in windows for row in rows)  # each a window of one document
+    calibration = calibration_ids(documents, tokenizer, n_samples=6, seq_len=32).tolist()
+    assert [row["input_ids"] for row in rows] != calibration
+    with pytest.raises(ValueError, match="dataset"):
+        text_dataset(tokenizer, "no-such-corpus", n_samples=2, seq_len=8)
