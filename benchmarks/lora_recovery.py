@@ -43,18 +43,23 @@ METHODS = {
     "sslc": {},
 }
 TASKS = ("piqa", "arc_easy")
+SEQUENTIAL = "sequential"
+"""The papers' baseline (002 §1, after Guo et al. / Li et al. 2024; 001 Table 2's starred rows): compress
+to the sparse backbone alone, then fine-tune a new LoRA of the same rank (Noise & Zero adapter); the
+same trainable and deployed parameters as factors mode. ``extra`` keeps the fitted U V as well (rank
+32 after merging)."""
 BUDGET = {"sparsity": "2:4", "rank": 16}
 SMOOTHING = 10  # steps of the running mean drawn over the per-step losses (batches of 4 vary a lot)
 
 
-def compressed_checkpoint(method: str, args) -> Path:
-    """The method's 2:4 + r16 checkpoint, compressed once (calibration ``--n-samples`` x ``--calib-len``)."""
-    folder = Path(args.checkpoints) / f"{method}-2of4-r16"
+def compressed_checkpoint(method: str, args, rank: int = BUDGET["rank"]) -> Path:
+    """The method's 2:4 + r``rank`` checkpoint, compressed once (calibration ``--n-samples`` x ``--calib-len``)."""
+    folder = Path(args.checkpoints) / f"{method}-2of4-r{rank}"
     if (folder / "config.json").exists():
         return folder
     config = hf_slr.SLRConfig(
         method=method,
-        **BUDGET,
+        **(BUDGET | {"rank": rank}),
         n_samples=args.n_samples,
         seq_len=args.calib_len,
         method_kwargs={} if args.uncapped else METHODS[method],
@@ -83,8 +88,13 @@ def c4_segments(tokenizer, args):
 
 
 def finetune(model, tokenizer, mode: str, args) -> tuple[torch.nn.Module, dict]:
-    """LoRA with the library defaults; the merged model and the per-step log."""
-    peft_model = get_slr_peft_model(model, lora_alpha=args.lora_alpha, mode=mode, task_type="CAUSAL_LM")
+    """LoRA with the library defaults; the merged model and the per-step log.
+
+    ``sequential``: a new rank-16 LoRA on the method's 2:4 backbone compressed alone (rank 0).
+    """
+    rank = BUDGET["rank"] if mode == SEQUENTIAL else None
+    peft_mode = "extra" if mode == SEQUENTIAL else mode
+    peft_model = get_slr_peft_model(model, r=rank, lora_alpha=args.lora_alpha, mode=peft_mode, task_type="CAUSAL_LM")
     trainer = recovery_trainer(
         peft_model,
         tokenizer,
@@ -122,18 +132,18 @@ def run(name: str, args, work) -> None:
     print(json.dumps({k: v for k, v in record.items() if k not in ("losses", "grad_norms")}), flush=True)
 
 
-def load(method: str, args):
-    folder = compressed_checkpoint(method, args)
+def load(method: str, args, rank: int = BUDGET["rank"]):
+    folder = compressed_checkpoint(method, args, rank)
     return AutoModelForCausalLM.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
 
 
-def before(method: str, args) -> dict:
-    model, tokenizer = load(method, args)
+def before(method: str, args, rank: int = BUDGET["rank"]) -> dict:
+    model, tokenizer = load(method, args, rank)
     return evaluate(model, tokenizer, args)
 
 
 def after(method: str, mode: str, args) -> dict:
-    model, tokenizer = load(method, args)
+    model, tokenizer = load(method, args, 0 if mode == SEQUENTIAL else BUDGET["rank"])
     merged, record = finetune(model, tokenizer, mode, args)
     return {**record, **evaluate(merged, tokenizer, args)}
 
@@ -200,7 +210,7 @@ def plot(args, target: Path) -> None:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
-    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument("--modes", nargs="+", choices=(*MODES, SEQUENTIAL), default=list(MODES))
     parser.add_argument("--checkpoints", default="/tmp/hf_slr_lora_recovery", help="compressed checkpoints")
     parser.add_argument("--out", default="outputs/lora_recovery")
     parser.add_argument(
@@ -236,10 +246,14 @@ def main(argv=None):
     Path(args.out).mkdir(parents=True, exist_ok=True)
     for method in args.methods:
         compressed_checkpoint(method, args)
+        if SEQUENTIAL in args.modes:
+            compressed_checkpoint(method, args, rank=0)
     if args.compress_only:
         return
     for method in args.methods:
         run(f"{method}-before", args, lambda: before(method, args))
+        if SEQUENTIAL in args.modes:
+            run(f"{method}-backbone-before", args, lambda: before(method, args, rank=0))
         for mode in args.modes:
             run(f"{method}-{mode}", args, lambda: after(method, mode, args))
 

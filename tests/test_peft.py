@@ -38,8 +38,8 @@ def ids():
     return torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
 
 
-def compressed(dense_dir, sparsity, **kwargs):
-    config = hf_slr.SLRConfig(method="magnitude_svd", sparsity=sparsity, rank=RANK, **kwargs)
+def compressed(dense_dir, sparsity, rank=RANK, **kwargs):
+    config = hf_slr.SLRConfig(method="magnitude_svd", sparsity=sparsity, rank=rank, **kwargs)
     return AutoModelForCausalLM.from_pretrained(dense_dir, quantization_config=config)
 
 
@@ -121,6 +121,21 @@ def test_merge_save_and_reload(dense_dir, ids, tmp_path, sparsity, mode, r, merg
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     assert all(layer.rank == merged_rank for layer in slr_layers(reloaded).values())
     assert torch.equal(logits(reloaded, ids), logits(merged, ids))
+
+
+def test_new_lora_on_a_sparse_only_checkpoint(dense_dir, ids, tmp_path):
+    """The papers' sequential baseline: S alone (rank 0), then a new LoRA; merging gives U V of its rank."""
+    model = compressed(dense_dir, "2:4", rank=0)
+    reference = logits(model, ids)
+    peft_model = get_slr_peft_model(model, r=RANK, mode="extra")
+    assert torch.equal(logits(peft_model, ids), reference)  # B starts at zero
+    tuned = logits(train(peft_model, ids), ids)
+    assert (tuned - reference).abs().max() > 1e-3
+    merged = peft_model.merge_and_unload()
+    assert all(layer.rank == RANK for layer in slr_layers(merged).values())
+    assert (logits(merged, ids) - tuned).abs().max() <= 1e-5
+    hf_slr.save_pretrained(merged, tmp_path / "merged")
+    assert torch.equal(logits(AutoModelForCausalLM.from_pretrained(tmp_path / "merged"), ids), logits(merged, ids))
 
 
 def test_disable_unmerge_and_delta_weight(dense_dir, ids):
