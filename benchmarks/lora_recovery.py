@@ -2,16 +2,21 @@
 
 "1+1>2: A Synergistic Sparse and Low-Rank Compression Method for LLMs" (SSLC) Table 2 and
 "3BASiL: An Algorithmic Framework for Sparse plus Low-Rank Compression of LLMs" §4.2 fine-tune the
-compressed model with LoRA on Alpaca and report perplexity and zero-shot accuracy before and after,
-comparing LoRA on the low-rank factors ("factors" mode) with a new LoRA beside them ("extra" mode)
-at the same number of trainable parameters.
+compressed model with LoRA and report perplexity and zero-shot accuracy before and after. Three
+ways to spend the same number of trainable parameters (``--modes``):
 
-Every method compresses SmolLM2-135M (``hf_slr.testing.demo_model_path()``) at 2:4 + rank 16 once
-(small calibration, capped iterations; checkpoints under ``--checkpoints``), then each (method,
-mode) fine-tunes with ``hf_slr.peft``'s defaults (``get_slr_peft_model`` and
-``recovery_training_arguments``) on the local Alpaca sample, and WikiText-2 perplexity plus PIQA /
-ARC-Easy accuracy are measured before and after merging. Every run writes ``OUT/<run>.json`` and
-finished runs are skipped, so an interrupted table resumes.
+- ``factors``: LoRA on the fitted low-rank factors (the papers' method; same deployed size);
+- ``extra``: a new LoRA beside the frozen S + U V (rank 2 x 16 after merging);
+- ``sequential``: the papers' baseline (002 §1, 001 Table 2's starred rows): the method compresses
+  to the 2:4 backbone alone (rank 0), then a new rank-16 LoRA (same deployed size as factors).
+
+Every method compresses SmolLM2-135M (``hf_slr.testing.demo_model_path()``) at 2:4 + rank 16 (and
+rank 0 for ``sequential``) once (small calibration, capped iterations unless ``--uncapped``;
+checkpoints under ``--checkpoints``), then each (method, mode) fine-tunes with ``hf_slr.peft``'s
+defaults (``get_slr_peft_model`` and ``recovery_training_arguments``) on the local Alpaca sample
+(001) or, with ``--train-data c4``, on C4 training text (002 §4.2), and WikiText-2 perplexity plus
+PIQA / ARC-Easy accuracy are measured before and after merging. Every run writes
+``OUT/<run>.json`` and finished runs are skipped, so an interrupted table resumes.
 
     python benchmarks/lora_recovery.py                      # compress, evaluate, fine-tune, evaluate
     python benchmarks/lora_recovery.py --table --plot docs/figures/lora-recovery-2of4-r16.png
@@ -168,6 +173,8 @@ def table(args) -> str:
         record = runs.get(f"{method}-before", {})
         seconds = f"{record['eval_seconds']:.0f}" if record else "-"
         lines.append(f"| {method} | compressed |{_row(runs, f'{method}-before')} - | - | - | - | - | {seconds} |")
+        if SEQUENTIAL in args.modes:
+            lines.append(f"| {method} | backbone alone (rank 0) |{_row(runs, f'{method}-backbone-before')} - | - | - | - | - | - |")
         for mode in args.modes:
             record = runs.get(f"{method}-{mode}", {})
             losses, norms = record.get("losses", []), [n for n in record.get("grad_norms", []) if n is not None]
@@ -199,7 +206,7 @@ def plot(args, target: Path) -> None:
         axis.set_title(f"{method} 2:4 + r16")
         axis.set_xlabel("step")
         axis.grid(alpha=0.3)
-    axes[0].set_ylabel("training loss (Alpaca)")
+    axes[0].set_ylabel(f"training loss ({'C4' if args.train_data == 'c4' else 'Alpaca'})")
     axes[0].legend()
     figure.tight_layout()
     target.parent.mkdir(parents=True, exist_ok=True)
