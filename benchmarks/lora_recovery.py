@@ -59,7 +59,7 @@ SMOOTHING = 10  # steps of the running mean drawn over the per-step losses (batc
 
 def compressed_checkpoint(method: str, args, rank: int = BUDGET["rank"]) -> Path:
     """The method's 2:4 + r``rank`` checkpoint, compressed once (calibration ``--n-samples`` x ``--calib-len``)."""
-    folder = Path(args.checkpoints) / f"{method}-2of4-r{rank}"
+    folder = Path(args.checkpoints) / f"{method}-2of4-r{rank}{'-uncapped' if args.uncapped else ''}"
     if (folder / "config.json").exists():
         return folder
     config = hf_slr.SLRConfig(

@@ -37,6 +37,9 @@ def calibration_ids(
     ``seq_len - 1`` drawn tokens (the same draws with ``seq_len - 1`` in place of ``seq_len``), the
     input such models see at the start of every document; other tokenizers are unaffected.
     """
+    for name, value in (("n_samples", n_samples), ("seq_len", seq_len)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"`{name}` must be an int >= 1, got {value!r}")
     documents = load_documents(dataset)
     separator = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
     prefix = bos_prefix(tokenizer)

@@ -119,6 +119,12 @@ def test_too_little_text_is_an_error():
         calibration_ids(["1 2 3", "4 5"], NumberTokenizer(), n_samples=1, seq_len=10)
 
 
+@pytest.mark.parametrize("field, n_samples, seq_len", [("n_samples", 0, 4), ("n_samples", 2.0, 4), ("seq_len", 2, -3)])
+def test_segment_counts_and_lengths_are_checked(field, n_samples, seq_len):
+    with pytest.raises(ValueError, match=f"`{field}` must be an int >= 1"):
+        calibration_ids(["1 2 3 4 5 6 7 8 9"], NumberTokenizer(), n_samples=n_samples, seq_len=seq_len)
+
+
 def test_local_files_dataset_and_list_give_the_same_documents(tmp_path):
     documents = [_document(10, 8), _document(50, 3)]
     jsonl, json_file, txt = tmp_path / "d.jsonl", tmp_path / "d.json", tmp_path / "d.txt"
