@@ -133,7 +133,9 @@ def run(name: str, args, work) -> None:
         return
     print(f"== {name}", flush=True)
     record = {"run": name, **work()}
-    path.write_text(json.dumps(record, indent=1))
+    partial = path.with_suffix(".json.partial")  # a killed run leaves no half-written record to skip
+    partial.write_text(json.dumps(record, indent=1))
+    partial.replace(path)
     print(json.dumps({k: v for k, v in record.items() if k not in ("losses", "grad_norms")}), flush=True)
 
 
